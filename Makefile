@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Both create .venv and install meshload (editable) with its test extra; torch is pinned to 2.13.0.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.meshload-installed
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# A seeded random Llama written with transformers' save_pretrained, an embedded Ray with 2 simulated
+# nodes, a tp=2 load, the per-rank report, a check against transformers, and a short greedy generation.
+demo: $(STAMP)
+	$(PY) -m orchestrator.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Unit tests only (no Ray cluster).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not cluster and not destructive"
+
+clean:
+	rm -rf $(VENV) demo-out bench-out .pytest_cache

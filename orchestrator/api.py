@@ -1,0 +1,189 @@
+"""The public API: ``orchestrator.plan`` (pure) and ``orchestrator.load`` (Ray).
+
+``load`` runs the stages in order, each with a deadline: plan (no cluster needed, no weight byte
+read, so bad input fails before anything starts); connect to Ray; reserve one placement bundle per
+node and start one actor per rank; fetch (Hub checkpoints: each node downloads only what its ranks
+read); materialize (each rank reads its byte ranges); hand tied tensors across stages; finalize
+(each rank builds its local model). On any failure — or Ctrl-C — everything started so far is
+removed before the exception propagates.
+
+Runs on the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from orchestrator.cluster import connect
+from orchestrator.loaded_model import LoadedModel
+from orchestrator.progress import NodeProgress
+from orchestrator.rank_group import RankGroup
+from planning.plan import LoadPlan
+from planning.planner import make_plan
+
+DEFAULT_TIMEOUT_S = 3600.0
+
+
+def plan(
+    model: str | os.PathLike,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    nodes: int = 1,
+    dtype: str | torch.dtype = "auto",
+    device: str = "cpu",
+    tp_plan: dict[str, str] | None = None,
+    device_map: dict[str, int] | None = None,
+    max_memory=None,
+    attn_implementation: str = "sdpa",
+    model_class: str | None = None,
+    renamings: dict[str, str] | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+    allow_pickle: bool = False,
+) -> LoadPlan:
+    """Plan a load without a cluster and without reading a weight byte (headers only).
+
+    ``model``: a local folder, a single ``.safetensors`` file, or a Hub repo id (``revision=``).
+    ``nodes`` is a number: ranks are spread over that many nodes in contiguous blocks.
+    """
+    return make_plan(
+        model,
+        tp=tp,
+        pp=pp,
+        nodes=nodes,
+        dtype=dtype,
+        device=device,
+        tp_plan=tp_plan,
+        device_map=device_map,
+        max_memory=max_memory,
+        attn_implementation=attn_implementation,
+        model_class=model_class,
+        renamings=renamings,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        allow_pickle=allow_pickle,
+    )
+
+
+def _throttled(fn, every_s: float):
+    last = [0.0]
+
+    def call() -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s:
+            last[0] = now
+            fn()
+
+    return call
+
+
+def load(
+    model: str | os.PathLike,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    nodes: int = 1,
+    device: str = "cpu",
+    address: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    placement_timeout_s: float = 60.0,
+    progress: bool = True,
+    cpus_per_rank: float = 1,
+    num_threads: int | None = None,
+    plan_: LoadPlan | None = None,
+    worker_cls: type | None = None,
+    **plan_options,
+) -> LoadedModel:
+    """Load ``model`` onto ``tp × pp`` ranks over ``nodes`` Ray nodes; returns a ``LoadedModel``.
+
+    ``plan_options`` are those of ``plan`` (dtype, tp_plan, device_map, max_memory, attn_implementation,
+    model_class, renamings, revision, cache_dir, token, allow_pickle). ``address`` selects a Ray
+    cluster (default: the one ``ray.init()`` finds, else an embedded local one with ``nodes``
+    simulated nodes). Use as a context manager, or call ``shutdown()``.
+    """
+    load_plan = plan_ or plan(model, tp=tp, pp=pp, nodes=nodes, device=device, **plan_options)
+    ranks_per_node = max(len(n.ranks) for n in load_plan.nodes)
+    gpus_per_rank = 1 if load_plan.device == "cuda" else 0
+    connection = connect(
+        address,
+        num_nodes=load_plan.num_nodes,
+        cpus_per_node=max(1, int(ranks_per_node * cpus_per_rank)),
+        gpus_per_node=ranks_per_node * gpus_per_rank,
+    )
+    group = RankGroup(load_plan, timeout_s=timeout_s)
+    try:
+        start_kwargs = dict(
+            cpus_per_rank=cpus_per_rank,
+            gpus_per_rank=gpus_per_rank,
+            num_threads=num_threads,
+            placement_timeout_s=placement_timeout_s,
+            env=_rank_env(connection),
+        )
+        if worker_cls is not None:
+            start_kwargs["worker_cls"] = worker_cls
+        group.start(**start_kwargs)
+        paths, fetched = _node_files(load_plan, group)
+        _materialize(load_plan, group, paths, fetched, progress=progress)
+        reports = group.call("finalize")
+        return LoadedModel(load_plan, reports, group, connection)
+    except BaseException:
+        try:
+            group.shutdown()
+        finally:
+            connection.close()
+        raise
+
+
+def _rank_env(connection) -> dict[str, str]:
+    env = {"RAY_USAGE_STATS_ENABLED": "0"}
+    if connection.embedded is not None:
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    return env
+
+
+def _node_files(load_plan: LoadPlan, group: RankGroup) -> tuple[list[dict[str, str]], list[int]]:
+    """Per rank: plan file name → local path, and bytes that rank's node fetch attributed to it."""
+    if load_plan.model.kind == "local":
+        root = load_plan.model.root
+        paths = {f.name: os.path.join(root, f.name) for f in load_plan.files}
+        return [paths] * load_plan.world_size, [0] * load_plan.world_size
+    from orchestrator.fetch_stage import fetch_for_ranks
+
+    return fetch_for_ranks(load_plan, group)
+
+
+def _materialize(load_plan: LoadPlan, group: RankGroup, paths, fetched, *, progress: bool) -> None:
+    import ray
+
+    bar = NodeProgress(load_plan, enabled=progress)
+
+    def poll() -> None:
+        states = ray.get([a.get_progress.remote() for a in group.actors], timeout=30)
+        bar.update(dict(enumerate(states)))
+
+    try:
+        group.call(
+            "load",
+            per_rank_args=[(paths[r], fetched[r]) for r in range(load_plan.world_size)],
+            poll=_throttled(poll, 0.5),
+        )
+        poll()
+    finally:
+        bar.close()
+    sends = [(r.rank, s.to_rank) for r in load_plan.ranks for s in r.sends]
+    pairs = sorted(set(sends))
+    if pairs:
+        refs = {pair: group.actors[pair[0]].tied_for.remote(pair[1]) for pair in pairs}
+        receivers = sorted({to for _, to in pairs})
+        # Object refs as top-level arguments: Ray moves each tensor node to node, not through the driver.
+        group.call(
+            "receive_tied",
+            per_rank_args=[tuple(refs[p] for p in pairs if p[1] == to) for to in receivers],
+            ranks=receivers,
+        )

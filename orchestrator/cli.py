@@ -1,0 +1,109 @@
+"""The ``meshload`` command: ``plan`` and ``load``.
+
+Works the same under ``ray job submit -- meshload ...`` (it joins the cluster through RAY_ADDRESS)
+and prints plain progress lines when its output is not a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from planning.errors import MeshloadError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="local folder, .safetensors file, or Hub repo id")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (ranks per stage)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (stages)")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes to spread the ranks over")
+    p.add_argument("--dtype", default="auto", help="'auto' (config/checkpoint) or e.g. bfloat16, float32")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--cache-dir", default=None, help="Hub cache folder (default: huggingface_hub's)")
+    p.add_argument("--model-class", default=None, help="transformers class to build, e.g. BertModel")
+    p.add_argument("--tp-plan", default=None, help="JSON object of glob -> style overriding the TP plan")
+    p.add_argument("--max-memory", default=None, help="per-rank parameter budget, e.g. 40GiB")
+    p.add_argument("--allow-pickle", action="store_true", help="accept legacy .bin checkpoints (weights_only)")
+
+
+def _plan_kwargs(args) -> dict:
+    return dict(
+        tp=args.tp,
+        pp=args.pp,
+        nodes=args.nodes,
+        dtype=args.dtype,
+        device=args.device,
+        attn_implementation=args.attn_implementation,
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        model_class=args.model_class,
+        tp_plan=json.loads(args.tp_plan) if args.tp_plan else None,
+        max_memory=args.max_memory,
+        allow_pickle=args.allow_pickle,
+    )
+
+
+def cmd_plan(args) -> int:
+    from orchestrator.api import plan
+    from planning.summary import rank_table, totals_text
+
+    load_plan = plan(args.model, **_plan_kwargs(args))
+    if args.json:
+        print(load_plan.to_json(indent=2))
+        return 0
+    print(totals_text(load_plan))
+    print()
+    print(rank_table(load_plan))
+    return 0
+
+
+def cmd_load(args) -> int:
+    from orchestrator.api import load
+    from orchestrator.report_view import report_table
+
+    kwargs = _plan_kwargs(args)
+    with load(args.model, address=args.address, timeout_s=args.timeout, **kwargs) as m:
+        print(report_table(m))
+        if args.report:
+            with open(args.report, "w", encoding="utf-8") as f:
+                json.dump({"plan": json.loads(m.plan.to_json()), "report": [r.as_dict() for r in m.report]}, f, indent=2)
+            print(f"report written to {args.report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshload", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="plan a load (headers only, no cluster) and print it")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("load", help="load onto Ray ranks and print the per-rank report")
+    _common(p)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, a running cluster, or embedded)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a step of the load is abandoned")
+    p.add_argument("--report", default=None, help="write the plan and report as JSON to this file")
+    p.set_defaults(func=cmd_load)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except MeshloadError as exc:
+        print(f"meshload: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The rank actors of one load: start them in the placement group, call them, stop them.
+
+The worker class is a plain class (``workers.rank_worker.RankWorker``); here it becomes a Ray actor
+(threaded, so the driver can poll progress while a load runs). Every call to the ranks waits with a
+deadline; the first failing rank stops the wait (others may be blocked on it), and failures are
+reported grouped by message — ``[Rank 0, 1]: ...`` — with the rank's node. A user error raised on a
+rank (a truncated file, say) comes back as the same error type.
+
+``shutdown`` kills every actor and removes the placement group; it is idempotent and runs on every
+exit path of ``orchestrator.load``.
+
+Runs on the driver.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from orchestrator.placement import bundles_for, create_placement_group, remove
+from planning.errors import MeshloadError
+from planning.plan import LoadPlan
+from workers.rank_worker import RankWorker
+
+
+class RankError(MeshloadError, RuntimeError):
+    """One or more ranks failed; the message groups ranks by error."""
+
+
+class RankTimeout(MeshloadError, TimeoutError):
+    """Ranks did not finish a step within its deadline."""
+
+
+def _describe(exc: BaseException) -> tuple[type[BaseException], str]:
+    from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+
+    if isinstance(exc, RayTaskError):
+        cause = getattr(exc, "cause", None)
+        if cause is not None:
+            return type(cause), f"{type(cause).__name__}: {cause}"
+        return RankError, str(exc).strip().splitlines()[-1]
+    if isinstance(exc, (ActorDiedError, RayActorError)):
+        return RankError, f"the rank's actor died ({str(exc).strip().splitlines()[0]})"
+    return type(exc), f"{type(exc).__name__}: {exc}"
+
+
+def group_errors(errors: dict[int, BaseException], where: dict[int, str]) -> BaseException:
+    """One exception for many ranks: ``[Rank 0, 1] (node ...): message`` lines, typed when they agree."""
+    by_message: dict[str, list[int]] = {}
+    types = set()
+    for rank in sorted(errors):
+        exc_type, message = _describe(errors[rank])
+        types.add(exc_type)
+        by_message.setdefault(message, []).append(rank)
+    lines = []
+    for message, ranks in by_message.items():
+        nodes = sorted({where.get(r, "?") for r in ranks})
+        lines.append(f"[Rank {', '.join(map(str, ranks))}] (node {', '.join(nodes)}): {message}")
+    text = "\n".join(lines)
+    (only,) = types if len(types) == 1 else (None,)
+    if only is not None and issubclass(only, MeshloadError) and only is not RankError:
+        try:
+            return only(text)
+        except TypeError:
+            pass
+    return RankError(text)
+
+
+class RankGroup:
+    """The actors of one load, one per rank, placed per the plan's node blocks."""
+
+    def __init__(self, plan: LoadPlan, *, timeout_s: float) -> None:
+        self.plan = plan
+        self.timeout_s = timeout_s
+        self.actors: list = []
+        self.pg = None
+        self.where: dict[int, str] = {}
+        self.node_ids: dict[int, str] = {}
+
+    def start(
+        self,
+        *,
+        cpus_per_rank: float = 1,
+        gpus_per_rank: float = 0,
+        num_threads: int | None = None,
+        env: dict[str, str] | None = None,
+        worker_cls: type = RankWorker,
+        placement_timeout_s: float = 60.0,
+    ) -> "RankGroup":
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        plan = self.plan
+        node_of_rank = [r.node for r in plan.ranks]
+        bundles = bundles_for(node_of_rank, plan.num_nodes, cpus_per_rank=cpus_per_rank, gpus_per_rank=gpus_per_rank)
+        self.pg = create_placement_group(bundles, timeout_s=placement_timeout_s, name="")
+        threads = num_threads or max(1, int(cpus_per_rank))
+        env_vars = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **(env or {})}
+        remote_cls = ray.remote(worker_cls)
+        plan_ref = ray.put(plan)
+        for r in plan.ranks:
+            actor = remote_cls.options(
+                num_cpus=cpus_per_rank,
+                num_gpus=gpus_per_rank,
+                max_concurrency=4,
+                max_restarts=0,
+                runtime_env={"env_vars": env_vars},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=r.node
+                ),
+            ).remote(plan_ref, r.rank, num_threads=threads)
+            self.actors.append(actor)
+        for rank, info in enumerate(self.call("where", timeout_s=placement_timeout_s + 120)):
+            self.where[rank] = f"{info['node_ip'] or info['host']}"
+            self.node_ids[rank] = info["node_id"]
+        return self
+
+    def call(
+        self,
+        method: str,
+        *args,
+        per_rank_args: Sequence[tuple] | None = None,
+        ranks: Sequence[int] | None = None,
+        timeout_s: float | None = None,
+        poll: Callable[[], None] | None = None,
+        **kwargs,
+    ) -> list:
+        """Call ``method`` on the given ranks (default all) and return results in rank order."""
+        import ray
+
+        ranks = list(range(len(self.actors))) if ranks is None else list(ranks)
+        pending = {}
+        for i, rank in enumerate(ranks):
+            call_args = per_rank_args[i] if per_rank_args is not None else args
+            pending[getattr(self.actors[rank], method).remote(*call_args, **kwargs)] = rank
+        results: dict[int, object] = {}
+        errors: dict[int, BaseException] = {}
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        while pending and not errors:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RankTimeout(
+                    f"{method}: rank(s) {sorted(pending.values())} did not finish within {timeout_s or self.timeout_s:g}s"
+                )
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(0.5, remaining))
+            for ref in ready:
+                rank = pending.pop(ref)
+                try:
+                    results[rank] = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - grouped and re-raised below
+                    errors[rank] = exc
+            if poll is not None:
+                poll()
+        if errors:
+            raise group_errors(errors, self.where)
+        return [results[r] for r in ranks]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already dead is fine
+                pass
+        self.actors = []
+        if self.pg is not None:
+            try:
+                remove(self.pg)
+            finally:
+                self.pg = None

@@ -1,0 +1,234 @@
+"""Map checkpoint tensors onto model parameters, through renames and layout conversions.
+
+transformers v5 declares, per model family, how checkpoint names and layouts become module names
+and layouts (``WeightRenaming``, and ``WeightConverter`` with ops such as ``MergeModulelist``,
+``Concatenate``, ``Chunk``, ``Split``, ``Transpose``). We use those declarations — and
+``MESHLOAD_CONVERSIONS``, written with the same classes, for layouts transformers does not know — but
+instead of running the ops on loaded tensors, we turn each converted parameter into a
+``planning.source_expr`` expression, so that planning can map any shard back to source byte ranges.
+
+The result lists, sorted and complete, the checkpoint keys that fill nothing and the parameters that
+nothing fills; ``require_complete`` turns them into one error. Tied parameters are filled by their
+tie partner (whichever side the checkpoint holds), and persistent buffers absent from the checkpoint
+are computed on the rank, as transformers does.
+
+Pure; runs on the driver over a meta model and the checkpoint index.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from planning.checkpoint import CheckpointIndex
+from planning.errors import ConversionError
+from planning.skeleton import Skeleton
+from planning.source_expr import Cat, Expr, Narrow, Source, Stack, Transpose, check_expr, shape_of
+
+# Layouts transformers does not declare, in transformers' own spelling. Keyed by model_type.
+# Users add theirs with ``register_conversion`` (same spelling as transformers'
+# ``register_checkpoint_conversion_mapping``).
+MESHLOAD_CONVERSIONS: dict[str, list] = {}
+
+
+def register_conversion(model_type: str, transforms: list) -> None:
+    """Add ``WeightRenaming``/``WeightConverter`` entries for checkpoints of ``model_type``."""
+    MESHLOAD_CONVERSIONS.setdefault(model_type, []).extend(transforms)
+
+
+@dataclass(frozen=True)
+class SourceMap:
+    """Where every tensor of the model comes from."""
+
+    exprs: dict[str, Expr]  # parameter/buffer → expression over checkpoint tensors
+    aliases: dict[str, str]  # tied parameter → the parameter whose value it shares
+    unexpected: tuple[str, ...]  # checkpoint keys that fill nothing (sorted)
+    missing: tuple[str, ...]  # parameters nothing fills (sorted)
+    computed: tuple[str, ...]  # persistent buffers absent from the checkpoint: initialized on the rank
+
+    def require_complete(self, *, where: str) -> None:
+        if not self.unexpected and not self.missing:
+            return
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} parameter(s) nothing in the checkpoint fills: {list(self.missing)}")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} checkpoint tensor(s) that match no parameter: {list(self.unexpected)}")
+        raise ConversionError(
+            f"{where}: " + "; ".join(parts) + ". Pass renamings={'old': 'new'} to map checkpoint names."
+        )
+
+
+def _transforms(model, renamings: dict[str, str] | None) -> list:
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    transforms = get_model_conversion_mapping(model, key_mapping=renamings)
+    transforms.extend(MESHLOAD_CONVERSIONS.get(model.config.model_type, []))
+    return transforms
+
+
+def natural_key(name: str):
+    from transformers.core_model_loading import dot_natural_key
+
+    return dot_natural_key(name)
+
+
+def build_source_map(
+    model, skeleton: Skeleton, index: CheckpointIndex, *, renamings: dict[str, str] | None = None
+) -> SourceMap:
+    """Match every checkpoint key to the model; see the module docstring."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = _transforms(model, renamings)
+    renames = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    targets = skeleton.by_name
+    prefix = skeleton.base_model_prefix
+
+    exprs: dict[str, Expr] = {}
+    origin: dict[str, str] = {}
+    groups: dict[tuple[int, str], dict[str, list[Source]]] = {}
+    group_converter: dict[tuple[int, str], object] = {}
+    unexpected = []
+    ignore = [re.compile(p) for p in skeleton.ignore_unexpected]
+    for key in sorted(index.tensors, key=natural_key):
+        entry = index.tensors[key]
+        src = Source(key, entry.shape, entry.dtype)
+        renamed, pattern = rename_source_key(key, renames, converters, prefix, targets)
+        if renamed not in targets and key in targets:
+            renamed, pattern = key, None
+        if renamed not in targets:
+            if not any(r.search(key) for r in ignore):
+                unexpected.append(key)
+            continue
+        if pattern is None:
+            if renamed in exprs:
+                raise ConversionError(f"checkpoint tensors {origin[renamed]!r} and {key!r} both map to {renamed!r}")
+            exprs[renamed], origin[renamed] = src, key
+            continue
+        converter = by_pattern[pattern]
+        gid = (id(converter), renamed)
+        groups.setdefault(gid, {}).setdefault(pattern, []).append(src)
+        group_converter[gid] = converter
+
+    for gid, collected in groups.items():
+        renamed = gid[1]
+        for name, expr in _apply_ops(group_converter[gid], collected, renamed, skeleton).items():
+            if name not in targets:
+                raise ConversionError(f"conversion of {renamed!r} produced {name!r}, which is not a parameter of the model")
+            if name in exprs:
+                raise ConversionError(f"parameter {name!r} is filled twice (by {origin.get(name)!r} and by a conversion)")
+            exprs[name], origin[name] = expr, renamed
+
+    for name, expr in exprs.items():
+        try:
+            check_expr(expr, what=name)
+        except ValueError as exc:
+            raise ConversionError(str(exc)) from None
+        got, want = shape_of(expr), targets[name].shape
+        if got != want:
+            raise ConversionError(
+                f"parameter {name!r}: the checkpoint gives shape {list(got)} (from {origin[name]!r}) but the model "
+                f"expects {list(want)}; the checkpoint does not match config.json"
+            )
+
+    aliases = _resolve_ties(skeleton, exprs)
+    ignore_missing = [re.compile(p) for p in skeleton.ignore_missing]
+    missing, computed = [], []
+    for spec in skeleton.tensors:
+        if spec.name in exprs or spec.name in aliases:
+            continue
+        if spec.is_buffer:
+            computed.append(spec.name)
+        elif not any(r.search(spec.name) for r in ignore_missing):
+            missing.append(spec.name)
+    return SourceMap(
+        exprs=exprs,
+        aliases=aliases,
+        unexpected=tuple(sorted(unexpected)),
+        missing=tuple(sorted(missing)),
+        computed=tuple(sorted(computed)),
+    )
+
+
+def _resolve_ties(skeleton: Skeleton, exprs: dict[str, Expr]) -> dict[str, str]:
+    """Tied parameters take the value of whichever side the checkpoint holds (transformers' symmetric rule)."""
+    aliases = {}
+    for target, source in skeleton.ties.items():
+        if target in exprs and source in exprs:
+            continue  # both stored: each is read (transformers compares them and ties equal ones; values are the same)
+        if source in exprs:
+            aliases[target] = source
+        elif target in exprs:
+            aliases[source] = target
+    return aliases
+
+
+def _apply_ops(converter, collected: dict[str, list[Source]], renamed: str, skeleton: Skeleton) -> dict[str, Expr]:
+    """Run the converter's ops symbolically, mirroring transformers' ``convert`` semantics."""
+    from transformers.core_model_loading import Chunk, Concatenate, MergeModulelist, Split
+    from transformers.core_model_loading import Transpose as TfTranspose
+
+    sources, targets = list(converter.source_patterns), list(converter.target_patterns)
+    state: dict[str, list[Expr] | Expr] = dict(collected)
+    for op in converter.operations:
+        if isinstance(op, MergeModulelist):
+            n = len(state)
+            new: dict[str, list[Expr] | Expr] = {}
+            for pattern, value in state.items():
+                name = targets[0] if n == 1 else pattern
+                new[name] = Stack(tuple(value), op.dim) if isinstance(value, list) else value
+            state = new
+        elif isinstance(op, Concatenate):
+            parts: list[Expr] = []
+            for pattern in sources:
+                if pattern in state:
+                    value = state.pop(pattern)
+                    parts.extend(value if isinstance(value, list) else [value])
+            state = {targets[0]: Cat(tuple(parts), op.dim)}
+        elif isinstance(op, (Chunk, Split)):
+            (value,) = state.values()
+            expr = value[0] if isinstance(value, list) else value
+            size = shape_of(expr)[op.dim]
+            if isinstance(op, Chunk):
+                names = targets
+                if op.num_shards_attribute is not None:
+                    raise ConversionError(f"{renamed}: Chunk(num_shards_attribute=...) is not supported by meshload")
+                step = -(-size // len(names))
+                lengths = [max(0, min(step, size - i * step)) for i in range(len(names))]
+            else:
+                names = targets
+                lengths = [skeleton.by_name[_expand(renamed, targets[0], t)].shape[op.dim] for t in names]
+            state, at = {}, 0
+            for name, length in zip(names, lengths):
+                state[name] = Narrow(expr, op.dim, at, length)
+                at += length
+        elif isinstance(op, TfTranspose):
+            (pattern, value), = state.items()
+            expr = value[0] if isinstance(value, list) else value
+            name = targets[0] if len(targets) == 1 else sources[0]
+            if op.check_dims and shape_of(expr) == skeleton.by_name[renamed].shape:
+                state = {name: expr}
+            else:
+                state = {name: Transpose(expr, op.dim0, op.dim1)}
+        else:
+            raise ConversionError(
+                f"{renamed}: conversion op {type(op).__name__} is not supported by meshload's slice planner "
+                f"(supported: MergeModulelist, Concatenate, Chunk, Split, Transpose)"
+            )
+    out = {}
+    for pattern, value in state.items():
+        expr = value[0] if isinstance(value, list) and len(value) == 1 else value
+        if isinstance(expr, list):
+            raise ConversionError(f"{renamed}: conversion left {len(expr)} unmerged tensors for {pattern!r}")
+        out[_expand(renamed, targets[0], pattern)] = expr
+    return out
+
+
+def _expand(renamed: str, first_target: str, pattern: str) -> str:
+    """Full parameter name for ``pattern``, given the key renamed with the first target pattern."""
+    if first_target in renamed:
+        head, _, tail = renamed.partition(first_target)
+        return head + pattern + tail
+    return renamed

@@ -1,0 +1,180 @@
+"""From "a model and a topology" to a validated ``LoadPlan``, reading headers only.
+
+This is the planning stage end to end: resolve the checkpoint (local folder, single file or Hub
+repo) into a ``CheckpointIndex`` and ``config.json``; build the meta skeleton; merge TP plans; map
+checkpoint tensors through converters; cut pipeline stages; plan every rank. No Ray, no weight bytes.
+
+Runs on the driver (``orchestrator.plan``/``load`` and ``meshload plan``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from planning.checkpoint import CheckpointIndex, build_local_index, find_checkpoint
+from planning.conversions import build_source_map
+from planning.errors import ConfigError, PlanError
+from planning.pipeline import assign_stages
+from planning.plan import LoadPlan, ModelRef, PlanInputs, build_plan, node_blocks, rank_budgets
+from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
+from planning.skeleton import (
+    build_meta_model,
+    config_from_dict,
+    describe,
+    dtype_name,
+    flash_attention_available,
+    parse_dtype,
+)
+from planning.tp_plans import check_user_plan, effective_plan
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A checkpoint located and indexed: where it is, its config, its tensors."""
+
+    ref_source: str
+    kind: str  # "local" or "hub"
+    root: str | None
+    revision: str | None
+    config_dict: dict
+    index: CheckpointIndex
+
+
+def resolve_model(
+    model: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+    allow_pickle: bool = False,
+) -> ResolvedModel:
+    """Locate ``model`` (a local folder, a ``.safetensors`` file, or a Hub repo id) and index it from headers."""
+    path = os.fspath(model)
+    if os.path.exists(path):
+        root, _, _ = find_checkpoint(path)
+        config_path = os.path.join(root, "config.json")
+        if not os.path.isfile(config_path):
+            raise ConfigError(f"{root}: no config.json next to the checkpoint")
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                config_dict = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{config_path}: not valid JSON ({exc})") from None
+        index = build_local_index(path, allow_pickle=allow_pickle)
+        return ResolvedModel(path, "local", root, None, config_dict, index)
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise ConfigError(f"{path}: no such file or folder (and not a Hub repo id of the form 'org/name')")
+    from planning.hub_index import resolve_hub_model
+
+    return resolve_hub_model(path, revision=revision, cache_dir=cache_dir, token=token)
+
+
+def resolve_dtype(dtype: str | torch.dtype, config, index: CheckpointIndex) -> torch.dtype:
+    """``"auto"``: the config's dtype, else the checkpoint's dominant floating dtype, else float32."""
+    if dtype != "auto":
+        return parse_dtype(dtype)
+    configured = getattr(config, "dtype", None)
+    if configured is not None:
+        return parse_dtype(configured)
+    return parse_dtype(index.dominant_float_dtype() or "float32")
+
+
+def check_topology(tp: int, pp: int, nodes: int) -> None:
+    for name, value in (("tp", tp), ("pp", pp), ("nodes", nodes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise PlanError(f"{name}={value!r} must be a positive integer")
+    node_blocks(tp * pp, nodes)
+
+
+def make_plan(
+    model: str | os.PathLike,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    nodes: int = 1,
+    dtype: str | torch.dtype = "auto",
+    device: str = "cpu",
+    tp_plan: dict[str, str] | None = None,
+    device_map: dict[str, int] | None = None,
+    max_memory=None,
+    attn_implementation: str = "sdpa",
+    model_class: str | None = None,
+    renamings: dict[str, str] | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+    allow_pickle: bool = False,
+    resolved: ResolvedModel | None = None,
+) -> LoadPlan:
+    """Plan a load (see module docstring). ``resolved`` reuses an already indexed checkpoint."""
+    check_topology(tp, pp, nodes)
+    if device not in DEVICES:
+        raise PlanError(f"device={device!r}: expected one of {DEVICES}")
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise PlanError(f"attn_implementation={attn_implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+    if attn_implementation == "flash_attention_2":
+        if device != "cuda":
+            raise PlanError("attn_implementation='flash_attention_2' needs device='cuda' (flash-attn has no CPU kernels)")
+        if not flash_attention_available():
+            raise PlanError(
+                "attn_implementation='flash_attention_2' but flash-attn is not installed here "
+                "(pip install 'meshload[flash]'); no weight was fetched"
+            )
+    resolved = resolved or resolve_model(model, revision=revision, cache_dir=cache_dir, token=token, allow_pickle=allow_pickle)
+    source = f"{resolved.ref_source}/config.json"
+    config = config_from_dict(resolved.config_dict, source=source)
+    torch_dtype = resolve_dtype(dtype, config, resolved.index)
+    meta = build_meta_model(
+        config,
+        model_class=model_class,
+        dtype=torch_dtype,
+        attn_implementation="eager" if attn_implementation == "eager" else "sdpa",
+        source=source,
+    )
+    skeleton = describe(meta, dtype=torch_dtype)
+    check_user_plan(tp_plan, skeleton, [name for name, _ in meta.named_modules() if name])
+    plan_dict = effective_plan(meta, user_plan=tp_plan)
+    sources = build_source_map(meta, skeleton, resolved.index, renamings=renamings)
+    sources.require_complete(where=str(resolved.ref_source))
+    budgets = rank_budgets(max_memory, tp * pp)
+    tensor_bytes = {t.name: t.numel * TORCH_DTYPE_ITEMSIZE[t.dtype] for t in skeleton.tensors}
+    stage_budgets = [
+        None if any(b is None for b in budgets[s * tp : (s + 1) * tp]) else min(budgets[s * tp : (s + 1) * tp]) * tp
+        for s in range(pp)
+    ]
+    stages = assign_stages(skeleton, pp, tensor_bytes=tensor_bytes, budgets=stage_budgets, device_map=device_map)
+    ref = ModelRef(
+        source=str(resolved.ref_source),
+        kind=resolved.kind,
+        root=resolved.root,
+        revision=resolved.revision,
+        class_name=skeleton.class_name,
+        model_type=skeleton.model_type,
+        config=resolved.config_dict,
+        checkpoint_format=resolved.index.format,
+    )
+    return build_plan(
+        PlanInputs(
+            model_ref=ref,
+            config=config,
+            skeleton=skeleton,
+            index=resolved.index,
+            sources=sources,
+            stages=stages,
+            tp_plan=plan_dict,
+            tp=tp,
+            pp=pp,
+            num_nodes=nodes,
+            dtype=dtype_name(torch_dtype),
+            device=device,
+            attn_implementation=attn_implementation,
+            budgets=budgets,
+        )
+    )

@@ -1,0 +1,249 @@
+"""The model skeleton: a meta-device transformers model and what planning needs to know about it.
+
+``build_meta_model`` turns ``config.json`` into the transformers model class named by
+``config.architectures`` (or ``model_class``) on ``torch.device("meta")``: no weight memory, no I/O.
+A config that cannot be built fails here, naming the config and the values. ``describe`` then lists
+every parameter and persistent buffer (name, shape, dtype, owning module and its type), the tie
+groups transformers declares (``_tied_weights_keys`` + ``tie_word_embeddings``), the attention head
+layout and the repeated-layer list that pipeline stages split.
+
+Runs on the driver (planning) and on every rank (the same meta model is the starting point of the
+rank's local model), so both see exactly the same module tree.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from planning.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A parameter or persistent buffer of the model, as transformers' ``state_dict`` names it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name
+    module: str  # owning module path ("" for the root)
+    module_type: str  # class name of the owning module, e.g. "Linear", "Conv1D", "Embedding"
+    is_buffer: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLayout:
+    """Attention head counts of the text model; what head-aware TP sharding needs."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """Everything planning reads off the meta model. Built by ``describe``; plain data, no torch modules."""
+
+    class_name: str
+    model_type: str
+    base_model_prefix: str
+    dtype: str
+    tensors: tuple[TensorSpec, ...]
+    ties: dict[str, str]  # target → source, transformers' ``all_tied_weights_keys``
+    layers_path: str | None  # module path of the repeated-layer ModuleList, e.g. "model.layers"
+    num_layers: int
+    heads: HeadLayout | None
+    vocab_size: int | None
+    ignore_unexpected: tuple[str, ...] = ()  # regexes: checkpoint keys transformers ignores on load
+    ignore_missing: tuple[str, ...] = ()
+    by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_name", {t.name: t for t in self.tensors})
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ConfigError(f"unknown dtype {dtype!r}; use e.g. 'bfloat16', 'float16', 'float32' or 'auto'")
+    return value
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def config_from_dict(config_dict: dict[str, Any], *, source: str = "config.json") -> Any:
+    """A transformers config object from the parsed ``config.json``; unknown model types fail clearly."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config_dict.get("model_type")
+    if not model_type:
+        raise ConfigError(f"{source}: no 'model_type'; cannot tell which transformers model this is")
+    if "auto_map" in config_dict and model_type not in CONFIG_MAPPING:
+        raise ConfigError(
+            f"{source}: model_type {model_type!r} needs custom code from the repository (auto_map); meshload does not "
+            f"run remote code"
+        )
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError(f"{source}: model_type {model_type!r} is not known to this transformers version")
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(dict(config_dict))
+    except Exception as exc:  # noqa: BLE001 - transformers' validators raise several unrelated types
+        cause = exc.__cause__ or exc
+        raise ConfigError(f"{source}: invalid {model_type} config: {cause}") from None
+
+
+def model_class_for(config: Any, model_class: str | None = None, *, source: str = "config.json") -> type:
+    """The transformers class to build: ``model_class`` if given, else ``config.architectures[0]``."""
+    import transformers
+
+    name = model_class or (config.architectures or [None])[0]
+    if name is None:
+        raise ConfigError(
+            f"{source}: no 'architectures' entry; pass model_class= (e.g. 'LlamaForCausalLM' or 'BertModel')"
+        )
+    cls = getattr(transformers, name, None)
+    if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
+        raise ConfigError(f"{source}: architecture {name!r} is not a transformers model class")
+    return cls
+
+
+def check_config(config: Any, *, source: str = "config.json") -> None:
+    """Fail-fast checks transformers does not do itself, with the values in the message."""
+    text = config.get_text_config()
+    hidden = getattr(text, "hidden_size", None)
+    heads = getattr(text, "num_attention_heads", None)
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None)
+    for name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size"):
+        value = getattr(text, name, None)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise ConfigError(f"{source}: {name}={value!r} must be a positive integer")
+    if hidden and heads and head_dim is None and hidden % heads:
+        raise ConfigError(
+            f"{source}: hidden_size ({hidden}) is not divisible by num_attention_heads ({heads})"
+        )
+    if heads and kv and heads % kv:
+        raise ConfigError(
+            f"{source}: num_attention_heads ({heads}) is not divisible by num_key_value_heads ({kv})"
+        )
+
+
+def build_meta_model(
+    config: Any,
+    *,
+    model_class: str | None = None,
+    dtype: torch.dtype,
+    attn_implementation: str = "sdpa",
+    source: str = "config.json",
+) -> torch.nn.Module:
+    """Instantiate the model on the meta device (no memory, no I/O, no weight init).
+
+    ``attn_implementation`` must be one transformers can set up without importing a kernel
+    ("sdpa" or "eager"); flash attention is switched on later, on the workers.
+    """
+    cls = model_class_for(config, model_class, source=source)
+    check_config(config, source=source)
+    try:
+        with torch.device("meta"):
+            model = cls._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    except (ValueError, TypeError, AttributeError, IndexError, ZeroDivisionError, RuntimeError) as exc:
+        raise ConfigError(f"{source}: cannot build {cls.__name__} from this config: {exc}") from None
+    model.eval()
+    return model
+
+
+def _head_layout(config: Any) -> HeadLayout | None:
+    text = config.get_text_config()
+    heads = getattr(text, "num_attention_heads", None)
+    hidden = getattr(text, "hidden_size", None)
+    if not heads or not hidden:
+        return None
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    return HeadLayout(num_heads=heads, num_kv_heads=kv, head_dim=head_dim)
+
+
+def _find_layers(model: torch.nn.Module) -> tuple[str | None, int]:
+    """The repeated-layer list: the ModuleList named in the pp plan, else the largest ModuleList."""
+    modules = dict(model.named_modules())
+    for key in getattr(model, "_pp_plan", None) or {}:
+        if isinstance(modules.get(key), torch.nn.ModuleList):
+            return key, len(modules[key])
+    best, best_size = None, 0
+    for name, module in modules.items():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = name, size
+    return best, (len(modules[best]) if best is not None else 0)
+
+
+def _fp32_overrides(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
+    """Module name fragments transformers keeps in float32 for this dtype (``_keep_in_fp32_modules*``)."""
+    keep: list[str] = []
+    if dtype == torch.float16:
+        keep += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if dtype in (torch.float16, torch.bfloat16):
+        keep += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    return keep
+
+
+def describe(model: torch.nn.Module, *, dtype: torch.dtype) -> Skeleton:
+    """Read a meta model into a ``Skeleton`` (plain data)."""
+    modules = dict(model.named_modules())
+    keep_fp32 = _fp32_overrides(model, dtype)
+    fp32_re = re.compile("|".join(rf"(^|\.){re.escape(k)}(\.|$)" for k in keep_fp32)) if keep_fp32 else None
+    state = model.state_dict(keep_vars=True)
+    buffers = {name for name, _ in model.named_buffers()}
+    tensors = []
+    for name, tensor in state.items():
+        module, _, _ = name.rpartition(".")
+        tensor_dtype = tensor.dtype
+        if fp32_re is not None and tensor_dtype.is_floating_point and fp32_re.search(name):
+            tensor_dtype = torch.float32
+        tensors.append(
+            TensorSpec(
+                name=name,
+                shape=tuple(tensor.shape),
+                dtype=dtype_name(tensor_dtype),
+                module=module,
+                module_type=type(modules[module]).__name__,
+                is_buffer=name in buffers,
+            )
+        )
+    layers_path, num_layers = _find_layers(model)
+    text = model.config.get_text_config()
+    return Skeleton(
+        class_name=type(model).__name__,
+        model_type=model.config.model_type,
+        base_model_prefix=model.base_model_prefix,
+        dtype=dtype_name(dtype),
+        tensors=tuple(tensors),
+        ties=dict(getattr(model, "all_tied_weights_keys", None) or {}),
+        layers_path=layers_path,
+        num_layers=num_layers,
+        heads=_head_layout(model.config),
+        vocab_size=getattr(text, "vocab_size", None),
+        ignore_unexpected=tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
+        ignore_missing=tuple(getattr(model, "_keys_to_ignore_on_load_missing", None) or ()),
+    )
+
+
+def flash_attention_available() -> bool:
+    """Whether flash-attn can be imported here, checked without importing it."""
+    return importlib.util.find_spec("flash_attn") is not None

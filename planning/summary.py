@@ -1,0 +1,68 @@
+"""Human-readable views of a ``LoadPlan``: the per-rank table and the totals a cluster is sized by.
+
+Pure; used by ``meshload plan`` and ``meshload load``.
+"""
+
+from __future__ import annotations
+
+from planning.plan import LoadPlan
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def human_count(n: float) -> str:
+    for unit in ("", "K", "M", "B", "T"):
+        if abs(n) < 1000 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "" else f"{n:.2f}{unit}"
+        n /= 1000
+    return f"{n:.2f}T"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.rjust(w) for h, w in zip(headers, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(out)
+
+
+def rank_table(plan: LoadPlan) -> str:
+    rows = []
+    for r in plan.ranks:
+        stage = plan.stages[r.stage]
+        rows.append(
+            [
+                str(r.rank),
+                str(r.node),
+                str(r.stage),
+                str(r.tp_rank),
+                f"{stage.layer_start}-{stage.layer_stop - 1}" if stage.layer_stop > stage.layer_start else "-",
+                human_count(r.num_parameters),
+                human_bytes(r.param_bytes),
+                human_bytes(r.read_bytes),
+                str(len(r.files)),
+            ]
+        )
+    return table(["rank", "node", "stage", "tp", "layers", "params", "bytes", "reads", "files"], rows)
+
+
+def totals_text(plan: LoadPlan) -> str:
+    t = plan.totals
+    per_rank = [r.param_bytes for r in plan.ranks]
+    fetch = [n.fetch_bytes for n in plan.nodes]
+    lines = [
+        f"model          {plan.model.class_name} ({plan.model.model_type}) from {plan.model.source}",
+        f"topology       tp={plan.tp} pp={plan.pp} nodes={plan.num_nodes} -> {plan.world_size} ranks, dtype={plan.dtype}, device={plan.device}",
+        f"parameters     {human_count(t.num_parameters)} ({t.num_parameters:,})",
+        f"weights        {human_bytes(t.param_bytes)} in {plan.dtype}; checkpoint {human_bytes(t.checkpoint_bytes)} in {len(plan.files)} file(s)",
+        f"per rank       max {human_bytes(max(per_rank))}, min {human_bytes(min(per_rank))} of parameters",
+        f"per node       fetches max {human_bytes(max(fetch))} (only the byte ranges its ranks read)",
+        f"forward        ~{human_count(t.flops_per_token)}FLOPs per token (2 x parameters used per token; attention scores not counted)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""The validation pass over a ``LoadPlan``: the invariants every rank relies on.
+
+- Per rank and parameter: destination boxes tile the held (non-padding) part of the local tensor
+  exactly once; every source box lies inside its tensor and every byte inside its file.
+- Across ranks: each stage's TP group covers every element of every sharded parameter the same
+  number of times (once, or ``tp // num_kv_heads`` times for replicated KV heads); every model tensor
+  is held by every rank of exactly one stage (plus tie copies).
+- Ties: every ``receive_from`` has a matching send; every ``alias_of`` names a parameter of the rank.
+- Budgets respected; every node fetches every byte its ranks read.
+
+Failures are bugs in planning (or a tampered plan file), reported as ``PlanError`` with the rank and
+tensor. Pure; runs on the driver after ``build_plan`` and after reading a plan from JSON.
+"""
+
+from __future__ import annotations
+
+import math
+
+from planning.boxes import Box, box_numel, in_bounds, replace_dim
+from planning.errors import PlanError
+from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
+from planning.source_expr import Fragment, covers
+
+
+def _held_box(param) -> Box:
+    box = tuple((0, n) for n in param.shape)
+    if param.shard is not None:
+        held = sum(length for _, length in param.shard.pieces)
+        box = replace_dim(box, param.shard.dim, (0, held))
+    return box
+
+
+def validate_plan(plan) -> None:
+    files = {f.name: f for f in plan.files}
+    if len(plan.ranks) != plan.tp * plan.pp:
+        raise PlanError(f"plan has {len(plan.ranks)} ranks, expected tp×pp = {plan.tp}×{plan.pp}")
+    for r in plan.ranks:
+        _validate_rank(r, files)
+        budget = plan.budgets[r.rank]
+        if budget is not None and r.param_bytes > budget:
+            raise PlanError(f"rank {r.rank}: {r.param_bytes} bytes of parameters exceed its budget of {budget}")
+    _validate_ties(plan)
+    _validate_coverage(plan)
+    _validate_fetch(plan)
+
+
+def _validate_rank(r, files) -> None:
+    names = {p.name for p in r.params}
+    for p in r.params:
+        where = f"rank {r.rank}, {p.name}"
+        if p.shard is not None and p.shard.local_shape(p.full_shape) != p.shape:
+            raise PlanError(f"{where}: local shape {p.shape} disagrees with its shard {p.shard}")
+        sources = (p.alias_of is not None) + (p.receive_from is not None) + p.computed + bool(p.reads)
+        if sources != 1 and not (sources == 0 and box_numel(_held_box(p)) == 0):
+            raise PlanError(f"{where}: must be filled by exactly one of reads, alias, receive or compute")
+        if p.alias_of is not None and p.alias_of not in names:
+            raise PlanError(f"{where}: aliases {p.alias_of!r}, which this rank does not hold")
+        for item in p.reads:
+            if not in_bounds(item.src_box, item.src_shape):
+                raise PlanError(f"{where}: source box {item.src_box} outside {item.tensor} of shape {item.src_shape}")
+            if not in_bounds(item.dst_box, p.shape):
+                raise PlanError(f"{where}: destination box {item.dst_box} outside local shape {p.shape}")
+            if box_numel(item.src_box) != box_numel(item.dst_box):
+                raise PlanError(f"{where}: source box {item.src_box} and destination {item.dst_box} differ in size")
+            f = files.get(item.file)
+            if f is None:
+                raise PlanError(f"{where}: reads {item.file}, which is not a file of the checkpoint")
+            end = item.file_offset + math.prod(item.src_shape) * TORCH_DTYPE_ITEMSIZE[item.src_dtype]
+            if item.file_offset < f.header_size or end > f.size:
+                raise PlanError(f"{where}: {item.tensor} spans bytes {item.file_offset}-{end} outside the data of {item.file} ({f.size} bytes)")
+        if p.reads:
+            frags = [Fragment(i.tensor, i.src_box, i.dst_box, i.axes) for i in p.reads]
+            if not covers(_held_box(p), frags):
+                raise PlanError(f"{where}: reads do not cover the local tensor exactly once")
+
+
+def _validate_ties(plan) -> None:
+    sends = {(s.to_rank, s.as_name): (r.rank, s.name) for r in plan.ranks for s in r.sends}
+    for r in plan.ranks:
+        held = {p.name: p for p in r.params}
+        for s in r.sends:
+            if s.name not in held or held[s.name].alias_of is not None and held[s.name].alias_of not in held:
+                raise PlanError(f"rank {r.rank} sends {s.name!r}, which it does not hold")
+        for p in r.params:
+            if p.receive_from is not None and sends.get((r.rank, p.name), (None,))[0] != p.receive_from:
+                raise PlanError(f"rank {r.rank}, {p.name}: expects it from rank {p.receive_from}, which sends no such tensor")
+
+
+def _validate_coverage(plan) -> None:
+    by_stage: dict[int, list] = {}
+    for r in plan.ranks:
+        by_stage.setdefault(r.stage, []).append(r)
+    holders: dict[str, set[int]] = {}
+    for stage, members in by_stage.items():
+        names = [p.name for p in members[0].params]
+        for m in members:
+            if [p.name for p in m.params] != names:
+                raise PlanError(f"ranks of stage {stage} hold different tensors ({members[0].rank} vs {m.rank})")
+        for name in names:
+            holders.setdefault(name, set()).add(stage)
+        for i, name in enumerate(names):
+            params = [m.params[i] for m in members]
+            shards = [p.shard for p in params]
+            if all(s is None for s in shards):
+                continue
+            if any(s is None for s in shards) or len({(s.dim, s.full_size) for s in shards}) != 1:
+                raise PlanError(f"stage {stage}, {name}: ranks disagree on how it is sharded")
+            _check_pieces(name, stage, [s.pieces for s in shards], shards[0].full_size)
+    all_names = {p.name for r in plan.ranks for p in r.params}
+    for name in all_names:
+        if not holders.get(name):
+            raise PlanError(f"{name} is held by no stage")
+
+
+def _check_pieces(name: str, stage: int, pieces_per_rank, full_size: int) -> None:
+    """Every element along the split dimension is covered the same (non-zero) number of times."""
+    events: dict[int, int] = {}
+    for pieces in pieces_per_rank:
+        for start, length in pieces:
+            if length:
+                events[start] = events.get(start, 0) + 1
+                events[start + length] = events.get(start + length, 0) - 1
+    depth, prev, multiplicity = 0, 0, None
+    for pos in sorted(events):
+        if pos > prev:
+            if multiplicity is None:
+                multiplicity = depth
+            if depth != multiplicity or depth == 0:
+                raise PlanError(f"stage {stage}, {name}: elements [{prev}, {pos}) covered {depth} time(s), others {multiplicity}")
+        depth += events[pos]
+        prev = pos
+    if full_size and (min(events, default=0) != 0 or prev != full_size):
+        raise PlanError(f"stage {stage}, {name}: the TP pieces do not span [0, {full_size})")
+
+
+def _validate_fetch(plan) -> None:
+    for node in plan.nodes:
+        ranges = {f.file: f.ranges for f in node.fetch}
+        for rank in node.ranks:
+            for p in plan.ranks[rank].params:
+                for item in p.reads:
+                    a, b = item.byte_span
+                    if not any(s <= a and b <= e for s, e in ranges.get(item.file, ())):
+                        raise PlanError(f"node {node.node} does not fetch bytes {a}-{b} of {item.file} that rank {rank} reads")
+        if any(plan.ranks[r].node != node.node for r in node.ranks):
+            raise PlanError(f"node {node.node} lists a rank placed elsewhere")

@@ -1,0 +1,110 @@
+"""Shared fixtures: one multi-node Ray cluster for the whole session, and checkpoint factories.
+
+The cluster has three simulated nodes on 127.0.0.2-4 (each its own IP and node id, so placement
+really spreads ranks). Tests that break a cluster start their own (see ``fresh_cluster``).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+CLUSTER_NODES = 3
+CPUS_PER_NODE = 4
+
+
+def _start_cluster(num_nodes: int, cpus: int = CPUS_PER_NODE, **head_args):
+    from ray.cluster_utils import Cluster
+
+    from orchestrator.cluster import LEAN_SYSTEM_CONFIG
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args=dict(
+            num_cpus=cpus,
+            node_ip_address="127.0.0.2",
+            include_dashboard=False,
+            object_store_memory=128 << 20,
+            _system_config=LEAN_SYSTEM_CONFIG,
+            **head_args,
+        ),
+    )
+    try:
+        for k in range(1, num_nodes):
+            cluster.add_node(num_cpus=cpus, node_ip_address=f"127.0.0.{2 + k}", object_store_memory=128 << 20)
+        cluster.wait_for_nodes()
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A 3-node cluster shared by every test that needs one; the test process is connected to it."""
+    import ray
+
+    cluster = _start_cluster(CLUSTER_NODES)
+    try:
+        ray.init(address=cluster.address)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture
+def fresh_cluster():
+    """A private cluster for a destructive test; the shared one (if any) is disconnected meanwhile."""
+    import ray
+
+    was_connected = ray.is_initialized()
+    shared_address = ray.get_runtime_context().gcs_address if was_connected else None
+    if was_connected:
+        ray.shutdown()
+    clusters = []
+
+    def make(num_nodes: int = 2, cpus: int = 2):
+        cluster = _start_cluster(num_nodes, cpus)
+        clusters.append(cluster)
+        ray.init(address=cluster.address)
+        return cluster
+
+    try:
+        yield make
+    finally:
+        ray.shutdown()
+        for c in clusters:
+            c.shutdown()
+        if shared_address:
+            ray.init(address=shared_address)
+
+
+def live_actors_and_groups() -> tuple[list[str], list[str]]:
+    """Actors still alive and placement groups not removed, across the cluster."""
+    import ray._private.state as state
+    import ray
+
+    actors = [a["ActorClassName"] for a in state.actors().values() if a["State"] != "DEAD"]
+    groups = [g["placement_group_id"] for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+    return actors, groups
+
+
+def wait_until_clean(timeout_s: float = 20.0) -> tuple[list[str], list[str]]:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        actors, groups = live_actors_and_groups()
+        if (not actors and not groups) or time.monotonic() > deadline:
+            return actors, groups
+        time.sleep(0.2)

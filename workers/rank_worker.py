@@ -1,0 +1,138 @@
+"""One rank of a load: a plain class that the orchestrator turns into a Ray actor.
+
+Lifecycle, each step a method the driver calls (with a timeout):
+
+1. ``RankWorker(plan, rank)`` — cheap; sets thread count and device.
+2. ``load(paths)`` — reads the rank's planned byte ranges into freshly allocated local tensors
+   (``workers.reader``); ``progress()`` can be polled meanwhile from another thread.
+3. ``tied_for(rank)`` / ``receive_tied(...)`` — a tied tensor read by one pipeline stage is handed to
+   the stage that shares it, instead of being read twice.
+4. ``finalize()`` — builds the rank's transformers model around its tensors (``workers.local_model``),
+   recomputes non-persistent buffers, and returns the ``RankReport``.
+
+Everything here is testable without Ray: tests drive ``RankWorker`` directly, for every rank, in
+one process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import torch
+
+from planning.plan import LoadPlan, ParamPlan
+from planning.skeleton import parse_dtype
+from workers.local_model import build_local_model
+from workers.reader import CheckpointFiles, Progress, read_item
+from workers.report import RankReport, peak_rss_bytes
+
+
+def _allocate(p: ParamPlan, device: torch.device) -> torch.Tensor:
+    # Rows a rank holds only as padding (vocab not divisible by tp) must be zero, never garbage.
+    dtype = parse_dtype(p.dtype)
+    if p.shard is not None and p.shard.padding:
+        return torch.zeros(p.shape, dtype=dtype, device=device)
+    return torch.empty(p.shape, dtype=dtype, device=device)
+
+
+class RankWorker:
+    """See module docstring. ``plan`` may be a ``LoadPlan`` or its JSON."""
+
+    def __init__(self, plan: LoadPlan | str, rank: int, *, num_threads: int | None = None) -> None:
+        self.plan = LoadPlan.from_json(plan) if isinstance(plan, str) else plan
+        self.rank = rank
+        self.rank_plan = self.plan.ranks[rank]
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.plan.device == "cuda" else torch.device("cpu")
+        self.progress = Progress(total=self.rank_plan.read_bytes)
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.model: torch.nn.Module | None = None
+        self._t0: float | None = None
+        self._bytes_read = 0
+        self._bytes_fetched = 0
+
+    # -- introspection -------------------------------------------------------------------------
+    def where(self) -> dict:
+        """Where this rank runs: Ray node id (if under Ray), IP, host, pid."""
+        node_id, ip = "", ""
+        try:
+            import ray
+
+            if ray.is_initialized():
+                node_id = ray.get_runtime_context().get_node_id()
+                ip = ray.util.get_node_ip_address()
+        except ImportError:
+            pass
+        return {"rank": self.rank, "node_id": node_id, "node_ip": ip, "host": socket.gethostname(), "pid": os.getpid()}
+
+    def get_progress(self) -> tuple[int, int]:
+        return self.progress.done, self.progress.total
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load(self, paths: dict[str, str], bytes_fetched: int = 0) -> int:
+        """Read every planned range of this rank from ``paths`` (plan file name → local path); returns bytes read."""
+        self._t0 = time.perf_counter()
+        self._bytes_fetched = bytes_fetched
+        with CheckpointFiles(paths) as files:
+            for p in self.rank_plan.params:
+                if not p.reads:
+                    continue
+                tensor = _allocate(p, self.device)
+                for item in p.reads:
+                    read_item(files, item, tensor, progress=self.progress)
+                self.tensors[p.name] = tensor
+            self._bytes_read = files.bytes_read
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for p in self.rank_plan.params:
+            if p.alias_of is not None:
+                self.tensors[p.name] = self.tensors[p.alias_of]
+        return self._bytes_read
+
+    def tied_for(self, to_rank: int) -> dict[str, torch.Tensor]:
+        """Tensors this rank hands to rank ``to_rank`` of another stage, by their name there (on CPU)."""
+        return {s.as_name: self.tensors[s.name].cpu() for s in self.rank_plan.sends if s.to_rank == to_rank}
+
+    def receive_tied(self, *parts: dict[str, torch.Tensor]) -> None:
+        """Store tied tensors sent by other stages (each part is one sender's ``tied_for`` result)."""
+        expected = {p.name: p for p in self.rank_plan.params if p.receive_from is not None}
+        for name, tensor in ((n, t) for part in parts for n, t in part.items()):
+            p = expected.get(name)
+            if p is None or tuple(tensor.shape) != p.shape:
+                raise ValueError(f"rank {self.rank}: unexpected tied tensor {name!r} of shape {tuple(tensor.shape)}")
+            # Object-store tensors may be read-only shared memory: copy into our own storage.
+            self.tensors[name] = tensor.to(self.device, dtype=parse_dtype(p.dtype), copy=True)
+
+    def finalize(self) -> RankReport:
+        """Build the local model and report. Every tensor of the rank must be present by now."""
+        missing = [p.name for p in self.rank_plan.params if not p.computed and p.name not in self.tensors]
+        if missing:
+            raise RuntimeError(f"rank {self.rank}: tensors never filled: {missing}")
+        self.model = build_local_model(self.plan, self.rank_plan, self.tensors, self.device)
+        for p in self.rank_plan.params:
+            if p.computed:
+                self.tensors[p.name] = self.model.get_buffer(p.name)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        where = self.where()
+        return RankReport(
+            rank=self.rank,
+            node_id=where["node_id"],
+            seconds=time.perf_counter() - (self._t0 if self._t0 is not None else time.perf_counter()),
+            bytes_read=self._bytes_read,
+            param_bytes=self.rank_plan.param_bytes,
+            bytes_fetched=self._bytes_fetched,
+            peak_rss_bytes=peak_rss_bytes(),
+            node=self.rank_plan.node,
+            stage=self.rank_plan.stage,
+            tp_rank=self.rank_plan.tp_rank,
+            node_ip=where["node_ip"],
+            peak_device_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0,
+        )
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """The rank's loaded tensors (CPU copies), by model name; padding included."""
+        return {p.name: self.tensors[p.name].detach().cpu() for p in self.rank_plan.params if p.name in self.tensors}

@@ -1,0 +1,41 @@
+"""What each rank reports about its load: the contract fields of ``LoadedModel.report``.
+
+Runs on every rank; the driver collects one ``RankReport`` per rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RankReport:
+    rank: int
+    node_id: str  # Ray node id of the node the rank ran on ("" outside Ray)
+    seconds: float  # from the start of the rank's load to ready
+    bytes_read: int  # checkpoint bytes this rank read from files
+    param_bytes: int  # bytes of parameter storage the rank holds
+    bytes_fetched: int  # bytes this rank downloaded (Hub fetches; 0 for local checkpoints)
+    peak_rss_bytes: int  # the rank process's peak resident memory (VmHWM)
+    node: int = 0  # node index in the plan
+    stage: int = 0
+    tp_rank: int = 0
+    node_ip: str = ""
+    peak_device_bytes: int = 0  # peak CUDA memory allocated (0 on CPU)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux ``VmHWM``), in bytes."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

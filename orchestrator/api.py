@@ -128,10 +128,10 @@ def load(
         if worker_cls is not None:
             start_kwargs["worker_cls"] = worker_cls
         group.start(**start_kwargs)
-        paths, fetched = _node_files(load_plan, group)
+        paths, fetched, fetch_report = _node_files(load_plan, group, plan_options, progress=progress)
         _materialize(load_plan, group, paths, fetched, progress=progress)
         reports = group.call("finalize")
-        return LoadedModel(load_plan, reports, group, connection)
+        return LoadedModel(load_plan, reports, group, connection, fetch_report=fetch_report)
     except BaseException:
         try:
             group.shutdown()
@@ -147,15 +147,22 @@ def _rank_env(connection) -> dict[str, str]:
     return env
 
 
-def _node_files(load_plan: LoadPlan, group: RankGroup) -> tuple[list[dict[str, str]], list[int]]:
-    """Per rank: plan file name → local path, and bytes that rank's node fetch attributed to it."""
+def _node_files(load_plan: LoadPlan, group: RankGroup, plan_options: dict, *, progress: bool):
+    """Per rank: plan file name → local path; per rank: bytes fetched for it; per node: a fetch report."""
     if load_plan.model.kind == "local":
         root = load_plan.model.root
         paths = {f.name: os.path.join(root, f.name) for f in load_plan.files}
-        return [paths] * load_plan.world_size, [0] * load_plan.world_size
+        return [paths] * load_plan.world_size, [0] * load_plan.world_size, []
     from orchestrator.fetch_stage import fetch_for_ranks
 
-    return fetch_for_ranks(load_plan, group)
+    result = fetch_for_ranks(
+        load_plan,
+        group,
+        cache_dir=plan_options.get("cache_dir"),
+        token=plan_options.get("token"),
+        progress=progress,
+    )
+    return result.paths, result.bytes_fetched, result.nodes
 
 
 def _materialize(load_plan: LoadPlan, group: RankGroup, paths, fetched, *, progress: bool) -> None:

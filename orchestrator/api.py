@@ -128,10 +128,11 @@ def load(
         if worker_cls is not None:
             start_kwargs["worker_cls"] = worker_cls
         group.start(**start_kwargs)
+        group.call("check_kernels")  # e.g. flash-attn on every node, before a single weight byte is fetched
         paths, fetched, fetch_report = _node_files(load_plan, group, plan_options, progress=progress)
         _materialize(load_plan, group, paths, fetched, progress=progress)
         reports = group.call("finalize")
-        return LoadedModel(load_plan, reports, group, connection, fetch_report=fetch_report)
+        return LoadedModel(load_plan, reports, group, connection, fetch_report=fetch_report, timeout_s=timeout_s)
     except BaseException:
         try:
             group.shutdown()

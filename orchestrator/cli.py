@@ -52,6 +52,11 @@ def cmd_plan(args) -> int:
     from planning.summary import rank_table, totals_text
 
     load_plan = plan(args.model, **_plan_kwargs(args))
+    if args.svg:
+        from planning.plan_picture import write_picture
+
+        write_picture(load_plan, args.svg)
+        print(f"plan picture written to {args.svg}", file=sys.stderr)
     if args.json:
         print(load_plan.to_json(indent=2))
         return 0
@@ -59,6 +64,17 @@ def cmd_plan(args) -> int:
     print()
     print(rank_table(load_plan))
     return 0
+
+
+def parse_ids(text: str) -> list[list[int]]:
+    """``"1,2,3"`` or ``"1,2,3;4,5,6"`` (one row per sequence)."""
+    try:
+        rows = [[int(x) for x in row.split(",") if x.strip()] for row in text.split(";")]
+    except ValueError:
+        raise SystemExit(f"--input-ids: expected comma-separated integers (rows separated by ';'), got {text!r}") from None
+    if not rows or any(len(r) != len(rows[0]) or not r for r in rows):
+        raise SystemExit(f"--input-ids: every row needs the same, non-zero number of ids, got {text!r}")
+    return rows
 
 
 def cmd_load(args) -> int:
@@ -72,6 +88,13 @@ def cmd_load(args) -> int:
             with open(args.report, "w", encoding="utf-8") as f:
                 json.dump({"plan": json.loads(m.plan.to_json()), "report": [r.as_dict() for r in m.report]}, f, indent=2)
             print(f"report written to {args.report}")
+        if args.input_ids:
+            import torch
+
+            ids = torch.tensor(parse_ids(args.input_ids), dtype=torch.long)
+            out = m.generate(ids, max_new_tokens=args.max_new_tokens)
+            for row in out.tolist():
+                print("generated:", ",".join(map(str, row)))
     return 0
 
 
@@ -83,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="plan a load (headers only, no cluster) and print it")
     _common(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--svg", default=None, metavar="FILE", help="also draw the plan (nodes, ranks, ties, files) as SVG into FILE")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("load", help="load onto Ray ranks and print the per-rank report")
@@ -90,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, a running cluster, or embedded)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a step of the load is abandoned")
     p.add_argument("--report", default=None, help="write the plan and report as JSON to this file")
+    p.add_argument("--input-ids", default=None, help="token ids for greedy generation across the ranks, e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate with --input-ids")
     p.set_defaults(func=cmd_load)
 
     return parser

@@ -1,6 +1,12 @@
 """``LoadedModel``: the ranks of a finished load, as one object on the driver.
 
-It holds the plan that was executed, one ``RankReport`` per rank, and the live rank actors. Leaving
+It holds the plan that was executed, one ``RankReport`` per rank, and the live rank actors. Inference
+runs where the weights live: ``logits`` and ``generate`` send the token ids to the first stage's
+ranks; each stage's TP group runs transformers' own modules with collectives (torch.distributed,
+gloo on CPU, NCCL on CUDA, set up on first use); activations go from stage to stage as Ray object
+refs, actor to actor; only full-vocab logits come back to the driver. Greedy generation keeps the KV
+cache on the ranks and sends one token per step. A failed step leaves collectives in an unknown
+state, so it shuts the model down before raising. Leaving
 its ``with`` block — normally or by an exception — or calling ``shutdown()`` kills every actor,
 removes the placement group and, if the load started an embedded Ray cluster, stops it.
 
@@ -17,12 +23,16 @@ from workers.report import RankReport
 
 
 class LoadedModel:
-    def __init__(self, plan: LoadPlan, report: list[RankReport], group, connection, *, fetch_report=None) -> None:
+    def __init__(
+        self, plan: LoadPlan, report: list[RankReport], group, connection, *, fetch_report=None, timeout_s: float = 600.0
+    ) -> None:
         self.plan = plan
         self.report = report
         self.fetch_report = fetch_report or []
+        self.timeout_s = timeout_s
         self._group = group
         self._connection = connection
+        self._inference_ready = False
 
     # -- state ---------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -30,6 +40,94 @@ class LoadedModel:
         self._require_live()
         locals_ = self._group.call("local_state")
         return assemble_state_dict(self.plan, dict(enumerate(locals_)))
+
+    # -- inference -----------------------------------------------------------------------------
+    def _ensure_inference(self) -> None:
+        if self._inference_ready:
+            return
+        group = self._group
+        (address,) = group.call("pick_port", ranks=[0])
+        ips = set(group.where.values())
+        loopback = all(ip.startswith("127.") for ip in ips)
+        group.call(
+            "init_inference",
+            address[0],
+            address[1],
+            backend="nccl" if self.plan.device == "cuda" else "gloo",
+            collective_timeout_s=self.timeout_s,
+            socket_ifname="lo" if loopback else None,
+        )
+        self._inference_ready = True
+
+    def _run(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """One forward through every stage; returns the last stage's output (on the driver)."""
+        self._require_live()
+        try:
+            self._ensure_inference()
+            group, previous, refs = self._group, None, {}
+            for stage in self.plan.stages:
+                ranks = [r.rank for r in self.plan.ranks if r.stage == stage.stage]
+                stage_refs = group.submit("forward_step", input_ids, previous, ranks=ranks, **kwargs)
+                previous = stage_refs[ranks[0]]  # TP rank 0's output feeds every rank of the next stage
+                refs.update(stage_refs)
+            results = group.wait(refs, what="forward_step", timeout_s=self.timeout_s)
+            return results[self._last_stage_rank0()]
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _last_stage_rank0(self) -> int:
+        return next(r.rank for r in self.plan.ranks if r.stage == self.plan.pp - 1)
+
+    @staticmethod
+    def _check_ids(input_ids) -> torch.Tensor:
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be a 2-D tensor of integer token ids, got shape {tuple(ids.shape)} {ids.dtype}")
+        return ids.long()
+
+    def logits(self, input_ids, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's output for ``input_ids`` (batch × sequence), on the driver.
+
+        For causal LMs: full-vocabulary logits (gathered across TP ranks, padding dropped). For base
+        models without a head: the last hidden state.
+        """
+        ids = self._check_ids(input_ids)
+        vocab = self.plan.model.config.get("vocab_size")
+        if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"input_ids must lie in [0, {vocab}); got values in [{int(ids.min())}, {int(ids.max())}]")
+        return self._run(ids, attention_mask=attention_mask)
+
+    def generate(self, input_ids, *, max_new_tokens: int = 8, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None) -> torch.Tensor:
+        """Greedy decoding (as transformers' ``generate(do_sample=False)``), KV cache kept on the ranks.
+
+        Returns the prompt followed by the generated tokens. Sequences that produce an end-of-sequence
+        token are padded from then on; generation stops early when every sequence has ended.
+        """
+        ids = self._check_ids(input_ids)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+        config = self.plan.model.config
+        eos = config.get("eos_token_id") if eos_token_id is None else eos_token_id
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        pad = config.get("pad_token_id") if pad_token_id is None else pad_token_id
+        pad = pad if pad is not None else (eos[0] if eos else 0)
+        finished = torch.zeros(ids.shape[0], dtype=torch.bool)
+        step = ids
+        for i in range(max_new_tokens):
+            logits = self._run(step, use_cache=True, reset_cache=(i == 0), last_only=True)
+            nxt = logits[:, -1].float().argmax(dim=-1)
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if eos:
+                finished |= torch.isin(nxt, torch.tensor(eos))
+                if bool(finished.all()):
+                    break
+            step = nxt[:, None]
+        return ids
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property

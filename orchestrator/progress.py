@@ -29,6 +29,7 @@ class NodeProgress:
         self.node_files = {n.node: len({f for r in n.ranks for f in plan.ranks[r].files}) for n in plan.nodes}
         self.done: dict[int, int] = {}
         self.total: dict[int, int] = {}
+        self.printed: dict[int, int] | None = None
         self.bars = None
         if enabled and getattr(self.stream, "isatty", lambda: False)():
             from tqdm import tqdm
@@ -57,6 +58,9 @@ class NodeProgress:
             self._lines()
 
     def _lines(self) -> None:
+        if self.printed == self.done and self.done and time.monotonic() - self.last_line < 30:
+            return  # nothing new (e.g. the final poll, then close); a stalled load still prints every 30 s
+        self.printed = dict(self.done)
         self.last_line = time.monotonic()
         elapsed = max(self.last_line - self.t0, 1e-9)
         for node, ranks in self.node_ranks.items():

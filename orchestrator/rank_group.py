@@ -115,6 +115,22 @@ class RankGroup:
             self.node_ids[rank] = info["node_id"]
         return self
 
+    def submit(
+        self,
+        method: str,
+        *args,
+        per_rank_args: Sequence[tuple] | None = None,
+        ranks: Sequence[int] | None = None,
+        **kwargs,
+    ) -> dict[int, object]:
+        """Start ``method`` on the given ranks (default all); returns rank → object ref, not waited on."""
+        ranks = list(range(len(self.actors))) if ranks is None else list(ranks)
+        refs = {}
+        for i, rank in enumerate(ranks):
+            call_args = per_rank_args[i] if per_rank_args is not None else args
+            refs[rank] = getattr(self.actors[rank], method).remote(*call_args, **kwargs)
+        return refs
+
     def call(
         self,
         method: str,
@@ -126,34 +142,48 @@ class RankGroup:
         **kwargs,
     ) -> list:
         """Call ``method`` on the given ranks (default all) and return results in rank order."""
+        refs = self.submit(method, *args, per_rank_args=per_rank_args, ranks=ranks, **kwargs)
+        results = self.wait(refs, what=method, timeout_s=timeout_s, poll=poll)
+        return [results[r] for r in refs]
+
+    def wait(
+        self,
+        refs: dict[int, object],
+        *,
+        what: str,
+        timeout_s: float | None = None,
+        poll: Callable[[], None] | None = None,
+        grace_s: float = 2.0,
+    ) -> dict[int, object]:
+        """Wait for rank → ref. After the first failure, wait ``grace_s`` more for the others (they may be
+        blocked on the failed rank), then raise every failure seen, grouped by message."""
         import ray
 
-        ranks = list(range(len(self.actors))) if ranks is None else list(ranks)
-        pending = {}
-        for i, rank in enumerate(ranks):
-            call_args = per_rank_args[i] if per_rank_args is not None else args
-            pending[getattr(self.actors[rank], method).remote(*call_args, **kwargs)] = rank
+        pending = {ref: rank for rank, ref in refs.items()}
+        limit = timeout_s or self.timeout_s
         results: dict[int, object] = {}
         errors: dict[int, BaseException] = {}
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        while pending and not errors:
+        deadline = time.monotonic() + limit
+        while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise RankTimeout(
-                    f"{method}: rank(s) {sorted(pending.values())} did not finish within {timeout_s or self.timeout_s:g}s"
-                )
+                if errors:
+                    break
+                raise RankTimeout(f"{what}: rank(s) {sorted(pending.values())} did not finish within {limit:g}s")
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(0.5, remaining))
             for ref in ready:
                 rank = pending.pop(ref)
                 try:
                     results[rank] = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - grouped and re-raised below
+                    if not errors:
+                        deadline = min(deadline, time.monotonic() + grace_s)
                     errors[rank] = exc
             if poll is not None:
                 poll()
         if errors:
             raise group_errors(errors, self.where)
-        return [results[r] for r in ranks]
+        return results
 
     def shutdown(self) -> None:
         import ray

@@ -199,6 +199,7 @@ class LoadPlan:
     heads: HeadLayout | None
     totals: PlanTotals
     budgets: tuple[int | None, ...]  # per rank, bytes; None = unbounded
+    layers_path: str | None = None  # module path of the repeated layers that stages split
     version: int = PLAN_FORMAT_VERSION
 
     @property
@@ -406,6 +407,7 @@ def build_plan(inp: PlanInputs) -> LoadPlan:
         heads=skeleton.heads,
         totals=totals,
         budgets=tuple(inp.budgets),
+        layers_path=skeleton.layers_path,
     )
     from planning.validate import validate_plan
 

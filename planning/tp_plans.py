@@ -118,6 +118,14 @@ class PlanMatcher:
                 best = (*rank, StyleMatch(style=style, key=key, param_level=rank[0] == 2))
         return None if best is None else best[2]
 
+    def match_module(self, module_name: str) -> StyleMatch | None:
+        """The entry naming this module itself (forward-time behaviour hangs on modules, not parameters)."""
+        best: StyleMatch | None = None
+        for key, style, regex in self.entries:
+            if regex.fullmatch(module_name) and (best is None or len(key) > len(best.key)):
+                best = StyleMatch(style=style, key=key, param_level=False)
+        return best
+
 
 def check_user_plan(user_plan: dict[str, str] | None, skeleton: Skeleton, module_names: list[str]) -> None:
     """A user plan key that matches no parameter or module is almost always a typo: say which."""

@@ -17,26 +17,41 @@ def save(model, path: str, *, shard: str | None = "20KB") -> str:
     return path
 
 
-def llama(path: str, *, tied: bool = True, vocab: int = 101, layers: int = 3, heads: int = 4, kv_heads: int = 2,
-          hidden: int = 32, intermediate: int = 48, dtype=torch.float32, shard: str | None = "20KB", seed: int = 0) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied,
-        max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-    model = LlamaForCausalLM(config).to(dtype)
-    return save(model, path, shard=shard)
+def llama(path: str, *, tied: bool = True, shard: str | None = "20KB", seed: int = 0, **overrides) -> str:
+    """Llama with GQA (4 query, 2 KV heads), vocab 101 (odd), 3 layers, several shards."""
+    return family(path, "llama", seed=seed, shard=shard, tie_word_embeddings=tied, **overrides)
 
 
-def state_of(path: str, **kwargs) -> dict[str, torch.Tensor]:
-    """The oracle: transformers' own from_pretrained state dict."""
+def reference(path: str, **kwargs):
+    """The oracle: transformers' own from_pretrained model."""
     from transformers import AutoModelForCausalLM
 
     kwargs.setdefault("dtype", "auto")
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs).state_dict()
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+
+
+def state_of(path: str, **kwargs) -> dict[str, torch.Tensor]:
+    return reference(path, **kwargs).state_dict()
+
+
+PROMPT = torch.tensor([[1, 5, 9, 33, 77, 100, 3, 4], [7, 8, 60, 61, 62, 11, 12, 13]])
+
+
+def expected_outputs(model, *, max_new_tokens: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' single-process logits and greedy tokens for ``PROMPT``."""
+    with torch.no_grad():
+        logits = model(PROMPT).logits
+    tokens = model.generate(PROMPT, max_new_tokens=max_new_tokens, do_sample=False)
+    return logits, tokens
+
+
+def assert_inference_matches(m, logits: torch.Tensor, tokens: torch.Tensor, *, atol: float = 1e-4) -> None:
+    got = m.logits(PROMPT)
+    assert got.shape == logits.shape, (got.shape, logits.shape)
+    diff = (got.float() - logits.float()).abs().max().item()
+    assert diff <= atol, f"logits differ from transformers by {diff} > {atol}"
+    generated = m.generate(PROMPT, max_new_tokens=tokens.shape[1] - PROMPT.shape[1])
+    assert torch.equal(generated, tokens), f"greedy tokens differ:\n{generated}\n{tokens}"
 
 
 def assert_state_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -48,3 +63,43 @@ def assert_state_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
 
 def files_of(path: str) -> list[str]:
     return sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
+COMMON = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+              max_position_embeddings=128, initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def family_config(family: str):
+    """A tiny config of ``family`` with the traits the TP/PP tests exercise."""
+    import transformers as tf
+
+    if family == "llama":
+        return tf.LlamaConfig(**COMMON, num_key_value_heads=2, tie_word_embeddings=True)
+    if family == "mistral":
+        return tf.MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=4)
+    if family == "qwen2":  # q/k/v biases
+        return tf.Qwen2Config(**COMMON, num_key_value_heads=2, tie_word_embeddings=False)
+    if family == "gemma":  # scaled embeddings, tied, a single KV head
+        return tf.GemmaConfig(**COMMON, num_key_value_heads=1, head_dim=8)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(**COMMON, num_key_value_heads=2)
+    if family == "mixtral":  # MoE: per-expert w1/w2/w3 in the checkpoint, fused 3-D experts in the model
+        return tf.MixtralConfig(**COMMON, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    if family == "gpt2":  # Conv1D, tied, no TP plan in transformers
+        return tf.GPT2Config(vocab_size=101, n_embd=32, n_layer=3, n_head=4, n_positions=128, initializer_range=0.2,
+                             bos_token_id=1, eos_token_id=2)
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "phi3", "mixtral", "gpt2")
+
+
+def family(path: str, name: str, *, seed: int = 0, shard: str | None = "20KB", dtype=torch.float32, **overrides) -> str:
+    from transformers import AutoModelForCausalLM
+
+    config = family_config(name)
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    return save(model, path, shard=shard)

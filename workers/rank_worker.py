@@ -9,6 +9,8 @@ Lifecycle, each step a method the driver calls (with a timeout):
    the stage that shares it, instead of being read twice.
 4. ``finalize()`` — builds the rank's transformers model around its tensors (``workers.local_model``),
    recomputes non-persistent buffers, and returns the ``RankReport``.
+5. For inference: ``pick_port()`` (rank 0), ``init_inference(...)`` (every rank: process group, TP
+   collectives, stage runner), then ``forward_step(...)`` per step; the KV cache stays on the rank.
 
 Everything here is testable without Ray: tests drive ``RankWorker`` directly, for every rank, in
 one process.
@@ -24,9 +26,12 @@ import torch
 
 from planning.plan import LoadPlan, ParamPlan
 from planning.skeleton import parse_dtype
+from workers.distributed import free_port, init_world, leave_world
 from workers.local_model import build_local_model
 from workers.reader import CheckpointFiles, Progress, read_item
 from workers.report import RankReport, peak_rss_bytes
+from workers.stage_runner import StageRunner
+from workers.tp_runtime import apply_tensor_parallel
 
 
 def _allocate(p: ParamPlan, device: torch.device) -> torch.Tensor:
@@ -53,6 +58,8 @@ class RankWorker:
         self._t0: float | None = None
         self._bytes_read = 0
         self._bytes_fetched = 0
+        self.runner: StageRunner | None = None
+        self.cache = None
 
     # -- introspection -------------------------------------------------------------------------
     def where(self) -> dict:
@@ -136,3 +143,77 @@ class RankWorker:
     def local_state(self) -> dict[str, torch.Tensor]:
         """The rank's loaded tensors (CPU copies), by model name; padding included."""
         return {p.name: self.tensors[p.name].detach().cpu() for p in self.rank_plan.params if p.name in self.tensors}
+
+    def check_kernels(self) -> None:
+        """Fail before any fetch if this rank's node cannot run the requested attention kernel."""
+        if self.plan.attn_implementation != "flash_attention_2":
+            return
+        import importlib.util
+
+        from planning.errors import PlanError
+
+        where = self.where()
+        if importlib.util.find_spec("flash_attn") is None:
+            raise PlanError(f"flash-attn is not installed on node {where['node_ip'] or where['host']}")
+        if not torch.cuda.is_available():
+            raise PlanError(f"flash_attention_2 needs CUDA; none on node {where['node_ip'] or where['host']}")
+
+    # -- inference -------------------------------------------------------------------------------
+    def pick_port(self) -> tuple[str, int]:
+        """An address for the process group's rendezvous, on this rank's node."""
+        ip = self.where()["node_ip"] or "127.0.0.1"
+        return ip, free_port(ip)
+
+    def init_inference(
+        self, master_addr: str, master_port: int, *, backend: str, collective_timeout_s: float,
+        socket_ifname: str | None = None,
+    ) -> list[tuple[str, str]]:
+        """Join the process group, install TP collectives and the stage runner; returns what was installed."""
+        if self.model is None:
+            raise RuntimeError(f"rank {self.rank}: finalize() must run before init_inference()")
+        if self.plan.attn_implementation == "flash_attention_2":
+            self.model.set_attn_implementation("flash_attention_2")  # imports flash-attn, here only
+        group = init_world(
+            self.plan, self.rank, master_addr=master_addr, master_port=master_port, backend=backend,
+            timeout_s=collective_timeout_s, socket_ifname=socket_ifname,
+        )
+        installed = apply_tensor_parallel(self.model, self.plan, self.rank_plan, group)
+        self.runner = StageRunner(self.model, self.plan, self.rank_plan)
+        return installed
+
+    def forward_step(
+        self,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+        *,
+        use_cache: bool = False,
+        reset_cache: bool = True,
+        last_only: bool = False,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """One forward of this rank's stage. Returns the stage output on TP rank 0 (CPU), None elsewhere."""
+        if self.runner is None:
+            raise RuntimeError(f"rank {self.rank}: init_inference() has not run")
+        from transformers import DynamicCache
+
+        with torch.inference_mode():
+            if reset_cache:
+                self.cache = DynamicCache(config=self.model.config) if use_cache else None
+            kwargs = {}
+            if self.cache is not None:
+                kwargs.update(past_key_values=self.cache, use_cache=True)
+            if attention_mask is not None:
+                kwargs["attention_mask"] = attention_mask.to(self.device)
+            out = self.runner.forward(
+                input_ids.to(self.device), None if hidden is None else hidden.to(self.device), **kwargs
+            )
+        if self.rank_plan.tp_rank != 0:
+            return None
+        if last_only and self.runner.last:
+            out = out[:, -1:]
+        return out.cpu()
+
+    def close(self) -> None:
+        """Leave the process group (also done implicitly when the actor is killed)."""
+        leave_world()
+

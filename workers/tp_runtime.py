@@ -1,0 +1,210 @@
+"""Tensor-parallel execution of transformers' own modules holding local shards.
+
+After loading, a rank's modules hold their local slices (see ``planning.tp_styles``). For the
+forward pass to equal the unsharded model, some modules need a collective around them, chosen by the
+style's ``runtime``:
+
+- ``all_reduce_output`` (rowwise layers, MoE experts): each rank computes a partial sum; all-reduce it.
+  A rowwise bias is added once, *after* the all-reduce — never once per rank.
+- ``split_input_all_reduce`` (``rowwise_split_input``): the input arrives replicated; each rank takes
+  its slice of the last dimension, then as above.
+- ``gather_output`` (``colwise_gather_output``: LM heads; ``embedding_colwise``): all-gather the
+  equal-sized local outputs along the last dimension and drop the padding, so logits are full-vocab.
+- ``vocab_parallel_embedding`` (``embedding_rowwise``): ids outside this rank's vocabulary rows are
+  looked up as row 0 and zeroed (masked lookup), then the partial embeddings are all-reduced.
+
+Attention modules whose projections are split by heads get their head counts fixed (``num_heads``,
+``num_key_value_heads``, ``num_key_value_groups``, GPT-2's ``split_size``, and a local config copy for
+code that reads ``config.num_attention_heads``), including the GQA case where KV heads are replicated.
+
+Runs on every rank, after the local model is built and before the first forward.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from planning.plan import LoadPlan, ParamPlan, RankPlan
+from planning.tp_plans import PlanMatcher
+from planning.tp_styles import KV_NAMES, QUERY_NAMES, style_rule
+
+
+def _sum(x: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce (sum); gloo cannot reduce bfloat16/float16, so those go through float32."""
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        y = x.float()
+        dist.all_reduce(y, group=group)
+        return y.to(x.dtype)
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _gather_last(x: torch.Tensor, group, keep: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    full = torch.cat(parts, dim=-1)
+    return full.index_select(-1, keep.to(full.device))
+
+
+def _gather_keep(weight: ParamPlan, tp_ranks: list[ParamPlan]) -> torch.Tensor:
+    """Indices of the real (non-padding) columns in the concatenation of all ranks' padded outputs."""
+    keep = []
+    for r, p in enumerate(tp_ranks):
+        base = r * p.shard.local_size
+        held = sum(length for _, length in p.shard.pieces)
+        keep.extend(range(base, base + held))
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def _rowwise_forward(module: torch.nn.Module, group, *, split: list[tuple[int, int]] | None):
+    is_conv1d = type(module).__name__ == "Conv1D"
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if split is not None:  # replicated input: keep this rank's columns
+            x = torch.cat([x[..., s : s + n] for s, n in split], dim=-1)
+        if is_conv1d:
+            out = (x.reshape(-1, x.shape[-1]) @ module.weight).reshape(*x.shape[:-1], module.weight.shape[-1])
+        else:
+            out = F.linear(x, module.weight)
+        out = _sum(out, group)
+        return out + module.bias if module.bias is not None else out
+
+    return forward
+
+
+def _all_reduce_after(module: torch.nn.Module, group):
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (_sum(out[0], group), *out[1:])
+        return _sum(out, group)
+
+    return forward
+
+
+def _gather_after(module: torch.nn.Module, group, keep: torch.Tensor):
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        return _gather_last(original(*args, **kwargs), group, keep)
+
+    return forward
+
+
+def _vocab_parallel(module: torch.nn.Module, group, weight: ParamPlan):
+    original = module.forward
+    ranges = [(s, s + n) for s, n in weight.shard.pieces]
+    # A local embedding table cannot keep the full-vocabulary padding_idx (F.embedding checks it);
+    # padding_idx only matters for gradients, so inference output is unchanged.
+    module.padding_idx = None
+
+    def forward(input_ids: torch.Tensor, *args, **kwargs):
+        local = torch.zeros_like(input_ids)
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        at = 0
+        for start, stop in ranges:
+            inside = (input_ids >= start) & (input_ids < stop)
+            local = torch.where(inside, input_ids - start + at, local)
+            mask |= inside
+            at += stop - start
+        out = original(local, *args, **kwargs)
+        out = out * mask.unsqueeze(-1).to(out.dtype)
+        return _sum(out, group)
+
+    return forward
+
+
+def _fix_shapes(module: torch.nn.Module) -> None:
+    """Keep a sharded module's size attributes consistent with its local weight (Conv1D reshapes by ``nf``)."""
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.dim() != 2:
+        return
+    kind = type(module).__name__
+    if kind == "Conv1D":
+        module.nx, module.nf = weight.shape
+    elif isinstance(module, torch.nn.Linear):
+        module.out_features, module.in_features = weight.shape
+    elif isinstance(module, torch.nn.Embedding):
+        module.num_embeddings, module.embedding_dim = weight.shape
+
+
+def _local_heads(plan: LoadPlan) -> tuple[int, int]:
+    h, kv, tp = plan.heads.num_heads, plan.heads.num_kv_heads, plan.tp
+    return h // tp, (kv // tp if kv % tp == 0 else 1)
+
+
+def _fix_attention(model: torch.nn.Module, plan: LoadPlan, sharded: set[str]) -> None:
+    """Give attention modules whose projections are split by heads their local head counts."""
+    if plan.heads is None:
+        return
+    full_q, full_kv, head_dim = plan.heads.num_heads, plan.heads.num_kv_heads, plan.heads.head_dim
+    local_q, local_kv = _local_heads(plan)
+    for name, module in model.named_modules():
+        children = {child for child, _ in module.named_children()}
+        split_children = {c for c in children if f"{name}.{c}".lstrip(".") in sharded}
+        if not (split_children & (QUERY_NAMES | KV_NAMES | {"qkv_proj", "c_attn", "query_key_value", "Wqkv"})):
+            continue
+        for attr, full, local in (
+            ("num_heads", full_q, local_q),
+            ("num_attention_heads", full_q, local_q),
+            ("num_key_value_heads", full_kv, local_kv),
+            ("split_size", full_q * head_dim, local_q * head_dim),
+            ("all_head_size", full_q * head_dim, local_q * head_dim),
+        ):
+            if getattr(module, attr, None) == full:
+                setattr(module, attr, local)
+        if hasattr(module, "num_key_value_groups"):
+            module.num_key_value_groups = local_q // local_kv
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "num_attention_heads", None) == full_q:
+            local_config = copy.copy(config)
+            local_config.num_attention_heads = local_q
+            if getattr(config, "num_key_value_heads", None) == full_kv:
+                local_config.num_key_value_heads = local_kv
+            module.config = local_config
+
+
+def apply_tensor_parallel(
+    model: torch.nn.Module, plan: LoadPlan, rank_plan: RankPlan, group
+) -> list[tuple[str, str]]:
+    """Install the collectives of every module-level plan entry this rank holds; returns (module, runtime)."""
+    if plan.tp == 1:
+        return []
+    matcher = PlanMatcher(plan.tp_plan)
+    params = {p.name: p for p in rank_plan.params}
+    stage_ranks = [r for r in plan.ranks if r.stage == rank_plan.stage]
+    held_modules = {p.name.rpartition(".")[0] for p in rank_plan.params if not p.is_buffer}
+    sharded = {p.name.rpartition(".")[0] for p in rank_plan.params if p.shard is not None}
+    installed = []
+    for name, module in list(model.named_modules()):
+        if name not in held_modules:
+            continue
+        if name in sharded:
+            _fix_shapes(module)
+        m = matcher.match_module(name)
+        if m is None:
+            continue
+        rule = style_rule(m.style, where=m.key)
+        weight = params.get(f"{name}.weight")
+        if rule.runtime == "all_reduce_output" and rule.axis == "in" and hasattr(module, "weight"):
+            module.forward = _rowwise_forward(module, group, split=None)
+        elif rule.runtime == "split_input_all_reduce":
+            module.forward = _rowwise_forward(module, group, split=list(weight.shard.pieces) if weight.shard else None)
+        elif rule.runtime == "all_reduce_output":
+            module.forward = _all_reduce_after(module, group)
+        elif rule.runtime == "gather_output" and weight is not None and weight.shard is not None:
+            tp_params = [next(p for p in r.params if p.name == weight.name) for r in stage_ranks]
+            module.forward = _gather_after(module, group, _gather_keep(weight, tp_params))
+        elif rule.runtime == "vocab_parallel_embedding" and weight is not None and weight.shard is not None:
+            module.forward = _vocab_parallel(module, group, weight)
+        else:
+            continue
+        installed.append((name, rule.runtime))
+    _fix_attention(model, plan, sharded)
+    return installed

@@ -103,3 +103,37 @@ def family(path: str, name: str, *, seed: int = 0, shard: str | None = "20KB", d
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     return save(model, path, shard=shard)
+
+
+def load_in_process(plan) -> tuple[dict[str, torch.Tensor], list]:
+    """Run every rank of ``plan`` in this process (no Ray): the reassembled state and the rank reports."""
+    from workers.assemble import assemble_state_dict
+    from workers.rank_worker import RankWorker
+
+    paths = {f.name: os.path.join(plan.model.root, f.name) for f in plan.files}
+    workers = [RankWorker(plan, r) for r in range(plan.world_size)]
+    for w in workers:
+        w.load(paths)
+    for w in workers:
+        for s in w.rank_plan.sends:
+            workers[s.to_rank].receive_tied(w.tied_for(s.to_rank))
+    reports = [w.finalize() for w in workers]
+    return assemble_state_dict(plan, {w.rank: w.local_state() for w in workers}), reports
+
+
+def rewrite(src: str, dst: str, fn) -> str:
+    """Copy a checkpoint folder, passing its full state dict through ``fn`` (name → tensor) and saving one file."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(dst, exist_ok=True)
+    for f in os.listdir(src):
+        if f.endswith(".json") and f != "model.safetensors.index.json":
+            shutil.copy(os.path.join(src, f), dst)
+    state = {}
+    for f in files_of(src):
+        state.update(load_file(os.path.join(src, f)))
+    new = fn(state)
+    save_file({k: v.contiguous() for k, v in new.items()}, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return dst

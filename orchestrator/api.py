@@ -12,14 +12,14 @@ Runs on the driver.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import time
 
 import torch
 
 from orchestrator.cluster import connect
 from orchestrator.loaded_model import LoadedModel
-from orchestrator.progress import NodeProgress
+from orchestrator.materialize import materialize
 from orchestrator.rank_group import RankGroup
 from planning.plan import LoadPlan
 from planning.planner import make_plan
@@ -71,20 +71,8 @@ def plan(
     )
 
 
-def _throttled(fn, every_s: float):
-    last = [0.0]
-
-    def call() -> None:
-        now = time.monotonic()
-        if now - last[0] >= every_s:
-            last[0] = now
-            fn()
-
-    return call
-
-
 def load(
-    model: str | os.PathLike,
+    model: str | os.PathLike | LoadPlan,
     *,
     tp: int = 1,
     pp: int = 1,
@@ -96,18 +84,24 @@ def load(
     progress: bool = True,
     cpus_per_rank: float = 1,
     num_threads: int | None = None,
-    plan_: LoadPlan | None = None,
+    max_restarts: int = 2,
     worker_cls: type | None = None,
     **plan_options,
 ) -> LoadedModel:
     """Load ``model`` onto ``tp × pp`` ranks over ``nodes`` Ray nodes; returns a ``LoadedModel``.
 
-    ``plan_options`` are those of ``plan`` (dtype, tp_plan, device_map, max_memory, attn_implementation,
+    ``model`` is what ``plan`` takes, or a ``LoadPlan`` made earlier (then topology and plan options
+    come from it). ``plan_options`` are those of ``plan`` (dtype, tp_plan, device_map, max_memory, attn_implementation,
     model_class, renamings, revision, cache_dir, token, allow_pickle). ``address`` selects a Ray
     cluster (default: the one ``ray.init()`` finds, else an embedded local one with ``nodes``
-    simulated nodes). Use as a context manager, or call ``shutdown()``.
+    simulated nodes). A rank whose actor dies (process killed, node lost) is restarted up to
+    ``max_restarts`` times, on another node if its node is gone and the cluster has room. Use as a
+    context manager, or call ``shutdown()``.
     """
-    load_plan = plan_ or plan(model, tp=tp, pp=pp, nodes=nodes, device=device, **plan_options)
+    if isinstance(model, LoadPlan):
+        load_plan = model
+    else:
+        load_plan = plan(model, tp=tp, pp=pp, nodes=nodes, device=device, **plan_options)
     ranks_per_node = max(len(n.ranks) for n in load_plan.nodes)
     gpus_per_rank = 1 if load_plan.device == "cuda" else 0
     connection = connect(
@@ -130,8 +124,8 @@ def load(
         group.start(**start_kwargs)
         group.call("check_kernels")  # e.g. flash-attn on every node, before a single weight byte is fetched
         paths, fetched, fetch_report = _node_files(load_plan, group, plan_options, progress=progress)
-        _materialize(load_plan, group, paths, fetched, progress=progress)
-        reports = group.call("finalize")
+        reports = materialize(load_plan, group, paths, fetched, progress=progress, max_restarts=max_restarts)
+        reports = [dataclasses.replace(r, restarts=group.restarts[r.rank]) for r in reports]
         return LoadedModel(load_plan, reports, group, connection, fetch_report=fetch_report, timeout_s=timeout_s)
     except BaseException:
         try:
@@ -164,34 +158,3 @@ def _node_files(load_plan: LoadPlan, group: RankGroup, plan_options: dict, *, pr
         progress=progress,
     )
     return result.paths, result.bytes_fetched, result.nodes
-
-
-def _materialize(load_plan: LoadPlan, group: RankGroup, paths, fetched, *, progress: bool) -> None:
-    import ray
-
-    bar = NodeProgress(load_plan, enabled=progress)
-
-    def poll() -> None:
-        states = ray.get([a.get_progress.remote() for a in group.actors], timeout=30)
-        bar.update(dict(enumerate(states)))
-
-    try:
-        group.call(
-            "load",
-            per_rank_args=[(paths[r], fetched[r]) for r in range(load_plan.world_size)],
-            poll=_throttled(poll, 0.5),
-        )
-        poll()
-    finally:
-        bar.close()
-    sends = [(r.rank, s.to_rank) for r in load_plan.ranks for s in r.sends]
-    pairs = sorted(set(sends))
-    if pairs:
-        refs = {pair: group.actors[pair[0]].tied_for.remote(pair[1]) for pair in pairs}
-        receivers = sorted({to for _, to in pairs})
-        # Object refs as top-level arguments: Ray moves each tensor node to node, not through the driver.
-        group.call(
-            "receive_tied",
-            per_rank_args=[tuple(refs[p] for p in pairs if p[1] == to) for to in receivers],
-            ranks=receivers,
-        )

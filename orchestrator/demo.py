@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     print(totals_text(plan), "\n", rank_table(plan), sep="\n")
     print(f"\nloading on an embedded Ray cluster with {args.nodes} simulated nodes ...")
     t0 = time.perf_counter()
-    with orchestrator.load(path, tp=args.tp, pp=args.pp, nodes=args.nodes, address="embedded", plan_=plan) as m:
+    with orchestrator.load(plan, address="embedded") as m:
         print(f"ready in {time.perf_counter() - t0:.1f}s (cluster start included)\n")
         print(report_table(m))
         from transformers import AutoModelForCausalLM

@@ -1,10 +1,11 @@
-"""The rank actors of one load: start them in the placement group, call them, stop them.
+"""The rank actors of one load: start them in the placement group, call them, restart them, stop them.
 
 The worker class is a plain class (``workers.rank_worker.RankWorker``); here it becomes a Ray actor
 (threaded, so the driver can poll progress while a load runs). Every call to the ranks waits with a
-deadline; the first failing rank stops the wait (others may be blocked on it), and failures are
-reported grouped by message — ``[Rank 0, 1]: ...`` — with the rank's node. A user error raised on a
-rank (a truncated file, say) comes back as the same error type.
+deadline. ``call`` raises on failure, grouped by message — ``[Rank 0, 1] (node ...): ...`` — keeping
+the type of a user error raised on a rank (a truncated file, say). ``call_each`` instead returns
+what succeeded and what failed, so the load can restart a rank whose actor died (its process was
+killed, or its node was lost: Ray re-places the node's bundle if the cluster has room) and go on.
 
 ``shutdown`` kills every actor and removes the placement group; it is idempotent and runs on every
 exit path of ``orchestrator.load``.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from orchestrator.placement import bundles_for, create_placement_group, remove
+from orchestrator.placement import PlacementError, bundles_for, create_placement_group, remove
 from planning.errors import MeshloadError
 from planning.plan import LoadPlan
 from workers.rank_worker import RankWorker
@@ -31,15 +32,21 @@ class RankTimeout(MeshloadError, TimeoutError):
     """Ranks did not finish a step within its deadline."""
 
 
+def is_actor_death(exc: BaseException) -> bool:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(exc, (ActorDiedError, RayActorError, ActorUnavailableError))
+
+
 def _describe(exc: BaseException) -> tuple[type[BaseException], str]:
-    from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+    from ray.exceptions import RayTaskError
 
     if isinstance(exc, RayTaskError):
         cause = getattr(exc, "cause", None)
         if cause is not None:
             return type(cause), f"{type(cause).__name__}: {cause}"
         return RankError, str(exc).strip().splitlines()[-1]
-    if isinstance(exc, (ActorDiedError, RayActorError)):
+    if is_actor_death(exc):
         return RankError, f"the rank's actor died ({str(exc).strip().splitlines()[0]})"
     return type(exc), f"{type(exc).__name__}: {exc}"
 
@@ -76,6 +83,9 @@ class RankGroup:
         self.pg = None
         self.where: dict[int, str] = {}
         self.node_ids: dict[int, str] = {}
+        self.restarts: dict[int, int] = {r.rank: 0 for r in plan.ranks}
+        self._spawn: Callable[[int], object] | None = None
+        self._placement_timeout_s = 60.0
 
     def start(
         self,
@@ -91,6 +101,7 @@ class RankGroup:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         plan = self.plan
+        self._placement_timeout_s = placement_timeout_s
         node_of_rank = [r.node for r in plan.ranks]
         bundles = bundles_for(node_of_rank, plan.num_nodes, cpus_per_rank=cpus_per_rank, gpus_per_rank=gpus_per_rank)
         self.pg = create_placement_group(bundles, timeout_s=placement_timeout_s, name="")
@@ -98,22 +109,59 @@ class RankGroup:
         env_vars = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **(env or {})}
         remote_cls = ray.remote(worker_cls)
         plan_ref = ray.put(plan)
-        for r in plan.ranks:
-            actor = remote_cls.options(
+
+        def spawn(rank: int):
+            return remote_cls.options(
                 num_cpus=cpus_per_rank,
                 num_gpus=gpus_per_rank,
                 max_concurrency=4,
                 max_restarts=0,
                 runtime_env={"env_vars": env_vars},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=r.node
+                    placement_group=self.pg, placement_group_bundle_index=plan.ranks[rank].node
                 ),
-            ).remote(plan_ref, r.rank, num_threads=threads)
-            self.actors.append(actor)
+            ).remote(plan_ref, rank, num_threads=threads)
+
+        self._spawn = spawn
+        self.actors = [spawn(r.rank) for r in plan.ranks]
         for rank, info in enumerate(self.call("where", timeout_s=placement_timeout_s + 120)):
-            self.where[rank] = f"{info['node_ip'] or info['host']}"
-            self.node_ids[rank] = info["node_id"]
+            self._record(rank, info)
         return self
+
+    def _record(self, rank: int, info: dict) -> None:
+        self.where[rank] = f"{info['node_ip'] or info['host']}"
+        self.node_ids[rank] = info["node_id"]
+
+    def restart(self, rank: int) -> None:
+        """Replace ``rank``'s actor by a fresh one in the same bundle (Ray re-places the bundle if its node was lost).
+
+        Right after a node is lost Ray may still place the new actor on it; such an actor dies at once,
+        so we try again until one answers or ``placement_timeout_s`` has passed."""
+        import ray
+
+        self.restarts[rank] += 1
+        old = self.where.get(rank, "?")
+        deadline = time.monotonic() + self._placement_timeout_s
+        while True:
+            try:
+                ray.kill(self.actors[rank], no_restart=True)
+            except Exception:  # noqa: BLE001 - it is already dead
+                pass
+            self.actors[rank] = self._spawn(rank)
+            remaining = deadline - time.monotonic()
+            try:
+                info = self.call("where", ranks=[rank], timeout_s=max(remaining, 1.0))[0]
+                break
+            except RankTimeout:
+                raise PlacementError(
+                    f"rank {rank} (was on node {old}) could not be restarted within {self._placement_timeout_s:g}s: "
+                    f"its node is gone and the cluster has no room to re-place it"
+                ) from None
+            except RankError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(1.0)
+        self._record(rank, info)
 
     def submit(
         self,
@@ -141,10 +189,24 @@ class RankGroup:
         poll: Callable[[], None] | None = None,
         **kwargs,
     ) -> list:
-        """Call ``method`` on the given ranks (default all) and return results in rank order."""
+        """Call ``method`` on the given ranks (default all) and return results in rank order, or raise."""
         refs = self.submit(method, *args, per_rank_args=per_rank_args, ranks=ranks, **kwargs)
         results = self.wait(refs, what=method, timeout_s=timeout_s, poll=poll)
         return [results[r] for r in refs]
+
+    def call_each(
+        self,
+        method: str,
+        *args,
+        per_rank_args: Sequence[tuple] | None = None,
+        ranks: Sequence[int] | None = None,
+        timeout_s: float | None = None,
+        poll: Callable[[], None] | None = None,
+        **kwargs,
+    ) -> tuple[dict[int, object], dict[int, BaseException]]:
+        """Like ``call`` for independent per-rank work: waits for every rank, returns (results, errors)."""
+        refs = self.submit(method, *args, per_rank_args=per_rank_args, ranks=ranks, **kwargs)
+        return self._collect(refs, what=method, timeout_s=timeout_s, poll=poll, fail_fast=False)
 
     def wait(
         self,
@@ -153,10 +215,15 @@ class RankGroup:
         what: str,
         timeout_s: float | None = None,
         poll: Callable[[], None] | None = None,
-        grace_s: float = 2.0,
     ) -> dict[int, object]:
-        """Wait for rank → ref. After the first failure, wait ``grace_s`` more for the others (they may be
-        blocked on the failed rank), then raise every failure seen, grouped by message."""
+        """Wait for rank → ref. After the first failure, wait briefly for the others (they may be blocked
+        on the failed rank), then raise every failure seen, grouped by message."""
+        results, errors = self._collect(refs, what=what, timeout_s=timeout_s, poll=poll, fail_fast=True)
+        if errors:
+            raise group_errors(errors, self.where)
+        return results
+
+    def _collect(self, refs, *, what, timeout_s, poll, fail_fast: bool, grace_s: float = 2.0):
         import ray
 
         pending = {ref: rank for rank, ref in refs.items()}
@@ -175,15 +242,26 @@ class RankGroup:
                 rank = pending.pop(ref)
                 try:
                     results[rank] = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - grouped and re-raised below
-                    if not errors:
+                except Exception as exc:  # noqa: BLE001 - grouped and re-raised by the caller
+                    if fail_fast and not errors:
                         deadline = min(deadline, time.monotonic() + grace_s)
                     errors[rank] = exc
             if poll is not None:
                 poll()
-        if errors:
-            raise group_errors(errors, self.where)
-        return results
+        return results, errors
+
+    def dead_ranks(self, ranks: Sequence[int], *, timeout_s: float = 10.0) -> set[int]:
+        """Which of ``ranks`` have no live actor (a ping that fails or does not answer)."""
+        import ray
+
+        refs = {r: self.actors[r].where.remote() for r in ranks}
+        dead = set()
+        for r, ref in refs.items():
+            try:
+                ray.get(ref, timeout=timeout_s)
+            except Exception:  # noqa: BLE001 - any failure to answer means we cannot use it
+                dead.add(r)
+        return dead
 
     def shutdown(self) -> None:
         import ray

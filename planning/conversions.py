@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from planning.checkpoint import CheckpointIndex
 from planning.errors import ConversionError
 from planning.skeleton import Skeleton
-from planning.source_expr import Cat, Expr, Narrow, Source, Stack, Transpose, check_expr, shape_of
+from planning.source_expr import Cat, Expr, Narrow, Source, Stack, Transpose, check_expr, shape_of, sources_of
 
 # Layouts transformers does not declare, in transformers' own spelling. Keyed by model_type.
 # Users add theirs with ``register_conversion`` (same spelling as transformers'
@@ -126,6 +126,7 @@ def build_source_map(
             check_expr(expr, what=name)
         except ValueError as exc:
             raise ConversionError(str(exc)) from None
+        _check_kinds(name, expr, targets[name].dtype, origin[name])
         got, want = shape_of(expr), targets[name].shape
         if got != want:
             raise ConversionError(
@@ -150,6 +151,20 @@ def build_source_map(
         missing=tuple(sorted(missing)),
         computed=tuple(sorted(computed)),
     )
+
+
+def _is_float(dtype: str) -> bool:
+    return dtype.startswith(("float", "bfloat", "complex"))
+
+
+def _check_kinds(name: str, expr: Expr, want: str, origin: str) -> None:
+    """A cast between widths is fine (bf16 → fp32); between kinds (int32 → float) the checkpoint is wrong."""
+    for src in sources_of(expr):
+        if _is_float(src.dtype) != _is_float(want):
+            raise ConversionError(
+                f"parameter {name!r}: checkpoint tensor {src.tensor!r} is {src.dtype} but the model expects {want}; "
+                f"the checkpoint does not match config.json"
+            )
 
 
 def _resolve_ties(skeleton: Skeleton, exprs: dict[str, Expr]) -> dict[str, str]:

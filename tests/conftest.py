@@ -22,7 +22,17 @@ CLUSTER_NODES = 3
 CPUS_PER_NODE = 4
 
 
-def _start_cluster(num_nodes: int, cpus: int = CPUS_PER_NODE, **head_args):
+def _start_cluster(
+    num_nodes: int,
+    cpus: int = CPUS_PER_NODE,
+    *,
+    env_vars: list[dict[str, str]] | None = None,
+    first_ip: int = 2,
+    head_cpus: int | None = None,
+    **head_args,
+):
+    """``num_nodes`` simulated nodes on 127.0.0.<first_ip>+; ``env_vars[k]``: extra environment of node k's
+    raylet (its workers inherit it, e.g. a per-node ``MESHLOAD_CACHE_DIR``)."""
     from ray.cluster_utils import Cluster
 
     from orchestrator.cluster import LEAN_SYSTEM_CONFIG
@@ -30,17 +40,19 @@ def _start_cluster(num_nodes: int, cpus: int = CPUS_PER_NODE, **head_args):
     cluster = Cluster(
         initialize_head=True,
         head_node_args=dict(
-            num_cpus=cpus,
-            node_ip_address="127.0.0.2",
+            num_cpus=cpus if head_cpus is None else head_cpus,
+            node_ip_address=f"127.0.0.{first_ip}",
             include_dashboard=False,
             object_store_memory=128 << 20,
             _system_config=LEAN_SYSTEM_CONFIG,
+            **({"env_vars": env_vars[0]} if env_vars else {}),
             **head_args,
         ),
     )
     try:
         for k in range(1, num_nodes):
-            cluster.add_node(num_cpus=cpus, node_ip_address=f"127.0.0.{2 + k}", object_store_memory=128 << 20)
+            extra = {"env_vars": env_vars[k]} if env_vars else {}
+            cluster.add_node(num_cpus=cpus, node_ip_address=f"127.0.0.{first_ip + k}", object_store_memory=128 << 20, **extra)
         cluster.wait_for_nodes()
     except BaseException:
         cluster.shutdown()
@@ -73,8 +85,8 @@ def fresh_cluster():
         ray.shutdown()
     clusters = []
 
-    def make(num_nodes: int = 2, cpus: int = 2):
-        cluster = _start_cluster(num_nodes, cpus)
+    def make(num_nodes: int = 2, cpus: int = 2, **kwargs):
+        cluster = _start_cluster(num_nodes, cpus, **kwargs)
         clusters.append(cluster)
         ray.init(address=cluster.address)
         return cluster

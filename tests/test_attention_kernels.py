@@ -77,7 +77,7 @@ def test_worker_check_names_the_node(ckpt, fake_flash, monkeypatch):
 def test_load_stops_before_reading_when_a_node_lacks_the_kernel(ray_cluster, ckpt):
     plan = dataclasses.replace(orchestrator.plan(ckpt, tp=2, nodes=2), attn_implementation="flash_attention_2")
     with pytest.raises(orchestrator.PlanError) as err:
-        orchestrator.load(ckpt, plan_=plan, progress=False)
+        orchestrator.load(plan, progress=False)
     message = str(err.value)
     assert "[Rank 0]" in message and "[Rank 1]" in message and "flash-attn is not installed on node 127.0.0." in message
     assert wait_until_clean() == ([], [])

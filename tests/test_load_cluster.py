@@ -74,7 +74,7 @@ def test_file_truncated_after_planning_fails_on_the_rank_cleanly(ray_cluster, ck
     with open(os.path.join(path, victim), "r+b") as f:
         f.truncate(os.path.getsize(os.path.join(path, victim)) - 200)
     with pytest.raises(CheckpointError) as err:
-        orchestrator.load(path, tp=2, nodes=2, plan_=plan, progress=False)
+        orchestrator.load(plan, progress=False)
     assert f"{victim}: unexpected end of file" in str(err.value)
     assert "[Rank " in str(err.value)
     assert wait_until_clean() == ([], [])

@@ -22,6 +22,7 @@ class RankReport:
     tp_rank: int = 0
     node_ip: str = ""
     peak_device_bytes: int = 0  # peak CUDA memory allocated (0 on CPU)
+    restarts: int = 0  # times the driver restarted this rank's actor during the load
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,140 @@
+"""Faults and bad input on a live cluster: a killed rank is restarted and the load completes bit-exact;
+repeated deaths, impossible placements and Ctrl-C end in clear errors with nothing left alive."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import orchestrator
+from orchestrator.placement import PlacementError
+from orchestrator.rank_group import RankError
+from tests import checkpoints, fault_workers
+from tests.conftest import live_actors_and_groups, wait_until_clean
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = checkpoints.llama(str(tmp_path_factory.mktemp("llama")), tied=True)
+    return path, checkpoints.state_of(path)
+
+
+def test_rank_killed_mid_load_is_restarted_and_load_is_bit_exact(ray_cluster, ckpt, tmp_path):
+    path, state = ckpt
+    worker = fault_workers.killed_mid_load(str(tmp_path), victim=1)
+    with orchestrator.load(path, tp=2, pp=2, nodes=2, worker_cls=worker, progress=False) as m:
+        assert [r.restarts for r in m.report] == [0, 1, 0, 0]
+        assert os.listdir(tmp_path) == ["rank1-0"]  # the victim really died once
+        checkpoints.assert_state_equal(m.full_state_dict(), state)
+    assert wait_until_clean() == ([], [])
+
+
+def test_tied_sender_killed_is_restarted_and_receiver_gets_it(ray_cluster, ckpt, tmp_path):
+    path, state = ckpt
+    # rank 0 (stage 0) reads the tied embedding and sends it to rank 2 (stage 1): kill it late in its load
+    worker = fault_workers.killed_mid_load(str(tmp_path), victim=0, after_items=8)
+    with orchestrator.load(path, tp=2, pp=2, nodes=2, worker_cls=worker, progress=False) as m:
+        assert m.report[0].restarts == 1
+        checkpoints.assert_state_equal(m.full_state_dict(), state)
+    assert wait_until_clean() == ([], [])
+
+
+def test_repeated_deaths_give_up_with_the_rank_named(ray_cluster, ckpt, tmp_path):
+    path, _ = ckpt
+    worker = fault_workers.killed_mid_load(str(tmp_path), victim=1, times=5)
+    with pytest.raises(RankError, match=r"rank 1 \(node 127\.0\.0\.\d\) died 2 times during load; giving up after 1 restart"):
+        orchestrator.load(path, tp=2, nodes=2, worker_cls=worker, max_restarts=1, progress=False)
+    assert len(os.listdir(tmp_path)) == 2
+    assert wait_until_clean() == ([], [])
+
+
+def test_more_ranks_than_the_cluster_can_place(ray_cluster, ckpt):
+    path, _ = ckpt
+    t0 = time.monotonic()
+    with pytest.raises(PlacementError) as err:
+        orchestrator.load(path, tp=4, nodes=4, placement_timeout_s=3, progress=False)  # the cluster has 3 nodes
+    assert time.monotonic() - t0 < 30  # an error after the timeout, not a hang
+    assert "could not place 4 node bundle(s)" in str(err.value) and "3 alive node(s)" in str(err.value)
+    assert wait_until_clean() == ([], [])
+
+
+def test_ctrl_c_on_the_driver_removes_everything(ray_cluster, ckpt, tmp_path):
+    path, _ = ckpt
+    script = f"""
+import sys
+sys.path.insert(0, {os.getcwd()!r})
+import orchestrator
+from tests import fault_workers
+print("starting", flush=True)
+orchestrator.load({path!r}, tp=2, nodes=2, worker_cls=fault_workers.slow_load(60, marker_dir={str(tmp_path)!r}), progress=False)
+"""
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len([f for f in os.listdir(tmp_path) if f.startswith("loading-")]) < 2:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "ranks never started loading"
+            time.sleep(0.2)
+        assert live_actors_and_groups()[0], "the load's actors should be alive now"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert wait_until_clean() == ([], [])
+
+
+def test_ctrl_c_stops_an_embedded_cluster_too(ckpt, tmp_path):
+    """Without a cluster to join, load starts an embedded one; Ctrl-C must stop its processes too."""
+    path, _ = ckpt
+    script = f"""
+import sys
+sys.path.insert(0, {os.getcwd()!r})
+import ray, orchestrator
+import orchestrator.cluster as cluster
+from tests import fault_workers
+real_start = cluster.start_embedded
+def start(*a, **k):
+    c = real_start(*a, **k)
+    print("SESSION", c.head_node.get_session_dir_path(), flush=True)
+    return c
+cluster.start_embedded = start
+orchestrator.load({path!r}, tp=2, nodes=2, address="embedded",
+                  worker_cls=fault_workers.slow_load(60, marker_dir={str(tmp_path)!r}), progress=False)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        session = None
+        deadline = time.monotonic() + 180
+        while session is None:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, proc.communicate()
+            if line.startswith("SESSION"):
+                session = line.split()[1]
+        while len([f for f in os.listdir(tmp_path) if f.startswith("loading-")]) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, "ranks never started loading"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "KeyboardInterrupt" in err
+    deadline = time.monotonic() + 30
+    while True:
+        left = subprocess.run(["pgrep", "-f", os.path.basename(session)], capture_output=True, text=True).stdout.split()
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not left, f"processes of the embedded cluster still alive: {left}"

@@ -19,7 +19,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def killed_mid_load(marker_dir: str, *, victim: int, after_items: int = 3, times: int = 1) -> type:
-    """A worker whose rank ``victim`` SIGKILLs its own process after reading ``after_items`` ranges,
+    """A worker whose rank ``victim`` SIGKILLs its own process after reading ``after_items`` chunks,
     on its first ``times`` attempts (attempts are counted in marker files, across processes)."""
 
     class KilledMidLoad(RankWorker):
@@ -28,9 +28,9 @@ def killed_mid_load(marker_dir: str, *, victim: int, after_items: int = 3, times
             if self.rank != victim or attempts >= times:
                 return super().load(paths, bytes_fetched)
             open(os.path.join(marker_dir, f"rank{self.rank}-{attempts}"), "w").close()
-            import workers.rank_worker as module
+            import workers.reader as module
 
-            original, count = module.read_item, [0]
+            original, count = module.read_box, [0]
 
             def read_then_die(*args, **kwargs):
                 original(*args, **kwargs)
@@ -38,11 +38,11 @@ def killed_mid_load(marker_dir: str, *, victim: int, after_items: int = 3, times
                 if count[0] >= after_items:
                     os.kill(os.getpid(), signal.SIGKILL)
 
-            module.read_item = read_then_die
+            module.read_box = read_then_die
             try:
                 return super().load(paths, bytes_fetched)
             finally:
-                module.read_item = original
+                module.read_box = original
 
     return KilledMidLoad
 

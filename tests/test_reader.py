@@ -93,3 +93,26 @@ def test_truncated_file_is_a_clear_error(file):
         f.truncate(os.path.getsize(path) - 10)
     with pytest.raises(CheckpointError, match=r"model.safetensors: unexpected end of file at byte \d+ while reading tensor 'e'"):
         _read(path, index, item, torch.empty(3, 4, 5, dtype=torch.bfloat16))
+
+
+def test_parallel_pipeline_direct_and_staged(tmp_path):
+    """Many items over 4 threads, direct and staged (cast) mixed, chunks larger than the staging ring's buffers."""
+    from workers.reader import read_items
+
+    torch.manual_seed(1)
+    tensors = {f"t{i}": torch.randn(64, 48, dtype=torch.bfloat16 if i % 2 else torch.float32) for i in range(12)}
+    path = str(tmp_path / "model.safetensors")
+    save_file(tensors, path)
+    index = build_local_index(path)
+    jobs, want = [], []
+    for i, name in enumerate(sorted(tensors)):
+        dest = torch.zeros(64, 24, dtype=torch.float32)
+        box = ((0, 64), (24 * (i % 2), 24 * (i % 2) + 24))  # a dim-1 half: strided rows
+        jobs.append((_item(index, name, box, ((0, 64), (0, 24))), dest))
+        want.append(tensors[name][:, box[1][0] : box[1][1]].float())
+    with CheckpointFiles({"model.safetensors": path}) as files:
+        progress = Progress()
+        read_items(files, jobs, progress=progress, threads=4, staging_bytes=1024)  # 1 KiB slabs: many chunks
+        assert files.bytes_read == progress.done == sum(64 * 24 * t.element_size() for t in tensors.values())
+    for (_, dest), expected in zip(jobs, want):
+        assert torch.equal(dest, expected)

@@ -28,7 +28,7 @@ from planning.plan import LoadPlan, ParamPlan
 from planning.skeleton import parse_dtype
 from workers.distributed import free_port, init_world, leave_world
 from workers.local_model import build_local_model
-from workers.reader import CheckpointFiles, Progress, read_item
+from workers.reader import DEFAULT_THREADS, CheckpointFiles, Progress, read_items
 from workers.report import RankReport, peak_rss_bytes
 from workers.stage_runner import StageRunner
 from workers.tp_runtime import apply_tensor_parallel
@@ -45,13 +45,16 @@ def _allocate(p: ParamPlan, device: torch.device) -> torch.Tensor:
 class RankWorker:
     """See module docstring. ``plan`` may be a ``LoadPlan`` or its JSON."""
 
-    def __init__(self, plan: LoadPlan | str, rank: int, *, num_threads: int | None = None) -> None:
+    def __init__(
+        self, plan: LoadPlan | str, rank: int, *, num_threads: int | None = None, io_threads: int = DEFAULT_THREADS
+    ) -> None:
         self.plan = LoadPlan.from_json(plan) if isinstance(plan, str) else plan
         self.rank = rank
         self.rank_plan = self.plan.ranks[rank]
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.plan.device == "cuda" else torch.device("cpu")
+        self.io_threads = io_threads
         self.progress = Progress(total=self.rank_plan.read_bytes)
         self.tensors: dict[str, torch.Tensor] = {}
         self.model: torch.nn.Module | None = None
@@ -83,17 +86,14 @@ class RankWorker:
         """Read every planned range of this rank from ``paths`` (plan file name → local path); returns bytes read."""
         self._t0 = time.perf_counter()
         self._bytes_fetched = bytes_fetched
+        jobs = []
+        for p in self.rank_plan.params:
+            if p.reads:
+                self.tensors[p.name] = tensor = _allocate(p, self.device)
+                jobs += [(item, tensor) for item in p.reads]
         with CheckpointFiles(paths) as files:
-            for p in self.rank_plan.params:
-                if not p.reads:
-                    continue
-                tensor = _allocate(p, self.device)
-                for item in p.reads:
-                    read_item(files, item, tensor, progress=self.progress)
-                self.tensors[p.name] = tensor
+            read_items(files, jobs, progress=self.progress, threads=self.io_threads)
             self._bytes_read = files.bytes_read
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
         for p in self.rank_plan.params:
             if p.alias_of is not None:
                 self.tensors[p.name] = self.tensors[p.alias_of]

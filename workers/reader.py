@@ -1,11 +1,19 @@
 """Read planned byte ranges of checkpoint files straight into parameter storage.
 
 A ``ReadItem`` says "box B of tensor T goes to box D of this parameter". Both boxes are sets of
-contiguous runs in their row-major layouts; when dtypes match and nothing is transposed, the runs
-are paired and each file run is ``preadv``-ed directly into the destination tensor's memory — no
-intermediate copy of the shard, no read of the rest of the tensor (a dim-1 slice is one read per row,
-not a read of the whole matrix). A cast or a transpose goes through a bounded staging buffer, one
-slab of rows at a time, so an explicit dtype never needs a full-precision copy of the shard.
+contiguous runs in their row-major layouts. Items are cut into chunks (slabs of rows, ≤ 64 MiB) and
+a pool of threads reads them (``preadv`` releases the GIL, so reads run in parallel):
+
+- *direct* (CPU destination, same dtype, nothing transposed): the file runs are ``preadv``-ed straight
+  into the destination tensor's memory — no intermediate copy, no read outside the box (a dim-1 slice
+  is one read per row, not a read of the whole matrix);
+- *staged* (a cast, a transpose, or a CUDA destination): a chunk is read into a staging buffer taken
+  from a fixed ring — page-locked when the destination is a GPU — and then copied/cast into place, on
+  the GPU asynchronously on the reading thread's own stream, so the next reads overlap the copies.
+  The ring bounds extra memory to ``threads × 2`` buffers, never a full-precision copy of the shard.
+
+The CPU path and the CUDA path are the same code; only the buffer pinning and the copy's stream differ,
+so CI (no GPU) exercises the pipeline.
 
 Runs on every rank (inside the Ray actor), over node-local files.
 """
@@ -13,7 +21,10 @@ Runs on every rank (inside the Ray actor), over node-local files.
 from __future__ import annotations
 
 import os
+import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,9 +35,10 @@ from planning.plan import ReadItem
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
 from planning.source_expr import Fragment, fragment_view
 
-MAX_IO_BYTES = 256 << 20  # one pread at most (also the progress granularity)
+MAX_IO_BYTES = 256 << 20  # one pread at most
 IOV_MAX = 1024
-DEFAULT_STAGING_BYTES = 64 << 20
+DEFAULT_STAGING_BYTES = 64 << 20  # chunk size, and size of each staging buffer
+DEFAULT_THREADS = 4
 
 
 class Progress:
@@ -43,30 +55,33 @@ class Progress:
 
 
 class CheckpointFiles:
-    """Open checkpoint files of one rank, by plan file name; counts bytes read."""
+    """Open checkpoint files of one rank, by plan file name; counts bytes read. Thread-safe."""
 
     def __init__(self, paths: dict[str, str]) -> None:
         self.paths = dict(paths)
         self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
         self.bytes_read = 0
 
     def fd(self, name: str) -> int:
-        fd = self._fds.get(name)
-        if fd is None:
-            path = self.paths.get(name)
-            if path is None:
-                raise CheckpointError(f"{name}: no local path for this checkpoint file on this node")
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                raise CheckpointError(f"{name}: file not found at {path}") from None
-            self._fds[name] = fd
-        return fd
+        with self._lock:
+            fd = self._fds.get(name)
+            if fd is None:
+                path = self.paths.get(name)
+                if path is None:
+                    raise CheckpointError(f"{name}: no local path for this checkpoint file on this node")
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise CheckpointError(f"{name}: file not found at {path}") from None
+                self._fds[name] = fd
+            return fd
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def __enter__(self) -> "CheckpointFiles":
         return self
@@ -78,6 +93,7 @@ class CheckpointFiles:
         """Fill ``buffers`` (in order) from ``offset`` of file ``name``; a short read is a truncated file."""
         fd = self.fd(name)
         want = sum(len(b) for b in buffers)
+        got_total = 0
         while buffers:
             got = os.preadv(fd, buffers[:IOV_MAX], offset)
             if got == 0:
@@ -85,13 +101,15 @@ class CheckpointFiles:
                     f"{name}: unexpected end of file at byte {offset} while reading {what} ({want} bytes wanted); "
                     f"the file is truncated"
                 )
-            self.bytes_read += got
+            got_total += got
             offset += got
             while buffers and got >= len(buffers[0]):
                 got -= len(buffers[0])
                 buffers = buffers[1:]
             if got:
                 buffers[0] = buffers[0][got:]
+        with self._lock:
+            self.bytes_read += got_total
 
 
 def byte_view(t: torch.Tensor) -> np.ndarray:
@@ -118,15 +136,14 @@ def read_box(
     dst_offsets = run_offsets(dst) * size
     src_run, dst_run = src.run * size, dst.run * size
     what = f"tensor {item.tensor!r}"
-    if src_run == dst_run or src_run % dst_run == 0:
-        # Each file run fills one or more whole destination runs: one preadv per file run (split if huge).
+    if src_run % dst_run == 0:
+        # Each file run fills one or more whole destination runs: one preadv per file run.
         per = src_run // dst_run
         for i, file_off in enumerate(src_offsets.tolist()):
             dsts = dst_offsets[i * per : (i + 1) * per].tolist()
-            buffers = [memoryview(out[d : d + dst_run]) for d in dsts]
-            _pread_chunked(files, item.file, buffers, file_off, what, progress)
+            _pread_chunked(files, item.file, [memoryview(out[d : d + dst_run]) for d in dsts], file_off, what, progress)
         return
-    # General case (a destination run spans several file runs, or they interleave): walk both streams.
+    # General case (a destination run spans several file runs): walk both streams.
     si = di = 0
     s_left, d_left = src_run, dst_run
     while si < len(src_offsets):
@@ -158,6 +175,21 @@ def _pread_chunked(files, name, buffers, offset, what, progress) -> None:
                 progress.add(len(piece))
 
 
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A slab of one ``ReadItem``: ``src_box`` rows of the source into ``dst_box`` of ``dest``."""
+
+    item: ReadItem
+    dest: torch.Tensor
+    src_box: Box
+    dst_box: Box
+    direct: bool
+
+    @property
+    def nbytes(self) -> int:
+        return box_numel(self.src_box) * TORCH_DTYPE_ITEMSIZE[self.item.src_dtype]
+
+
 def _is_direct(item: ReadItem, dest: torch.Tensor) -> bool:
     frag = Fragment(item.tensor, item.src_box, item.dst_box, item.axes)
     return (
@@ -168,6 +200,127 @@ def _is_direct(item: ReadItem, dest: torch.Tensor) -> bool:
     )
 
 
+def chunks_of(item: ReadItem, dest: torch.Tensor, *, max_bytes: int) -> list[Chunk]:
+    """Cut ``item`` into slabs of its source box's outermost dimension, each at most ``max_bytes`` (≥ 1 row)."""
+    if box_numel(item.src_box) == 0:
+        return []
+    direct = _is_direct(item, dest)
+    shape = box_shape(item.src_box)
+    if not shape:
+        return [Chunk(item, dest, item.src_box, item.dst_box, direct)]
+    row_bytes = box_numel(item.src_box) // shape[0] * TORCH_DTYPE_ITEMSIZE[item.src_dtype]
+    rows = max(1, max_bytes // max(row_bytes, 1))
+    dst_dim = item.axes.index(0)
+    s0, s1 = item.src_box[0]
+    d0 = item.dst_box[dst_dim][0]
+    out = []
+    for a in range(s0, s1, rows):
+        b = min(s1, a + rows)
+        out.append(Chunk(item, dest, replace_dim(item.src_box, 0, (a, b)),
+                         replace_dim(item.dst_box, dst_dim, (d0 + a - s0, d0 + b - s0)), direct))
+    return out
+
+
+class StagingRing:
+    """A fixed set of staging buffers (page-locked for GPU destinations); a buffer goes back to the ring
+    only once the asynchronous copy out of it has finished."""
+
+    def __init__(self, count: int, nbytes: int, *, pin: bool) -> None:
+        self.nbytes = nbytes
+        self.pin = pin
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(count):
+            self._free.put((torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin), None))
+
+    def take(self) -> torch.Tensor:
+        buffer, event = self._free.get()
+        if event is not None:
+            event.synchronize()
+        return buffer
+
+    def give(self, buffer: torch.Tensor, event) -> None:
+        self._free.put((buffer, event))
+
+
+def _staged(chunk: Chunk, files: CheckpointFiles, ring: StagingRing, progress: Progress | None) -> None:
+    item = chunk.item
+    dtype = getattr(torch, item.src_dtype)
+    shape = box_shape(chunk.src_box)
+    on_gpu = chunk.dest.device.type == "cuda"
+    oversized = chunk.nbytes > ring.nbytes
+    buffer = torch.empty(chunk.nbytes, dtype=torch.uint8, pin_memory=ring.pin) if oversized else ring.take()
+    event = None
+    try:
+        staging = buffer[: chunk.nbytes].view(dtype).view(shape)
+        read_box(files, item, chunk.src_box, staging, tuple((0, n) for n in shape), progress)
+        frag = Fragment(item.tensor, chunk.src_box, chunk.dst_box, item.axes)
+        target = chunk.dest[box_slices(chunk.dst_box)]
+        if on_gpu:
+            stream = _thread_stream(chunk.dest.device)
+            with torch.cuda.stream(stream):
+                target.copy_(fragment_view(frag, staging), non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+            if oversized:
+                event.synchronize()
+        else:
+            target.copy_(fragment_view(frag, staging))
+    finally:
+        if not oversized:
+            ring.give(buffer, event)
+
+
+_streams = threading.local()
+
+
+def _thread_stream(device: torch.device):
+    stream = getattr(_streams, "stream", None)
+    if stream is None or stream.device != device:
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))  # destinations were allocated on the default stream
+        _streams.stream = stream
+    return stream
+
+
+def read_items(
+    files: CheckpointFiles,
+    jobs: list[tuple[ReadItem, torch.Tensor]],
+    *,
+    progress: Progress | None = None,
+    threads: int = DEFAULT_THREADS,
+    staging_bytes: int = DEFAULT_STAGING_BYTES,
+) -> None:
+    """Fill every ``dest[item.dst_box]`` (see module docstring); returns when all data is in place."""
+    chunks = [c for item, dest in jobs for c in chunks_of(item, dest, max_bytes=staging_bytes)]
+    if not chunks:
+        return
+    staged = [c for c in chunks if not c.direct]
+    gpu = next((c.dest.device for c in staged if c.dest.device.type == "cuda"), None)
+    workers = max(1, min(threads, len(chunks)))
+    ring = StagingRing(min(2 * workers, len(staged)), staging_bytes, pin=gpu is not None) if staged else None
+
+    def run(chunk: Chunk) -> None:
+        if chunk.direct:
+            read_box(files, chunk.item, chunk.src_box, chunk.dest, chunk.dst_box, progress)
+        else:
+            _staged(chunk, files, ring, progress)
+
+    if workers == 1:
+        for chunk in chunks:
+            run(chunk)
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="meshload-read") as pool:
+            futures = [pool.submit(run, c) for c in chunks]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    if gpu is not None:
+        torch.cuda.synchronize(gpu)
+
+
 def read_item(
     files: CheckpointFiles,
     item: ReadItem,
@@ -176,30 +329,5 @@ def read_item(
     progress: Progress | None = None,
     staging_bytes: int = DEFAULT_STAGING_BYTES,
 ) -> None:
-    """Fill ``dest[item.dst_box]`` from the checkpoint (see module docstring)."""
-    if box_numel(item.src_box) == 0:
-        return
-    if _is_direct(item, dest):
-        read_box(files, item, item.src_box, dest, item.dst_box, progress)
-        return
-    # Staged: slabs along the source box's outermost dimension, each read directly into a staging
-    # tensor of the source dtype, then rearranged/cast into the destination.
-    src_dtype = getattr(torch, item.src_dtype)
-    itemsize = TORCH_DTYPE_ITEMSIZE[item.src_dtype]
-    shape = box_shape(item.src_box)
-    frag = Fragment(item.tensor, item.src_box, item.dst_box, item.axes)
-    row_bytes = box_numel(item.src_box) // max(shape[0], 1) * itemsize if shape else itemsize
-    rows_per_slab = max(1, staging_bytes // max(row_bytes, 1)) if shape else 1
-    dst_dim0 = item.axes.index(0) if shape else None
-    s0, s1 = item.src_box[0] if shape else (0, 1)
-    for a in range(s0, s1, rows_per_slab):
-        b = min(s1, a + rows_per_slab)
-        sub_src = replace_dim(item.src_box, 0, (a, b)) if shape else item.src_box
-        staging = torch.empty(box_shape(sub_src), dtype=src_dtype)
-        read_box(files, item, sub_src, staging, tuple((0, n) for n in staging.shape), progress)
-        dst_box = item.dst_box
-        if dst_dim0 is not None:
-            d0 = item.dst_box[dst_dim0][0]
-            dst_box = replace_dim(dst_box, dst_dim0, (d0 + a - s0, d0 + b - s0))
-        sub_frag = Fragment(frag.tensor, sub_src, dst_box, frag.axes)
-        dest[box_slices(dst_box)].copy_(fragment_view(sub_frag, staging), non_blocking=dest.device.type == "cuda")
+    """Fill ``dest[item.dst_box]`` from the checkpoint, on this thread."""
+    read_items(files, [(item, dest)], progress=progress, threads=1, staging_bytes=staging_bytes)

@@ -85,6 +85,8 @@ def load(
     cpus_per_rank: float = 1,
     num_threads: int | None = None,
     max_restarts: int = 2,
+    fetch: str | None = None,
+    fetch_gap_bytes: int | None = None,
     worker_cls: type | None = None,
     **plan_options,
 ) -> LoadedModel:
@@ -94,7 +96,9 @@ def load(
     come from it). ``plan_options`` are those of ``plan`` (dtype, tp_plan, device_map, max_memory, attn_implementation,
     model_class, renamings, revision, cache_dir, token, allow_pickle). ``address`` selects a Ray
     cluster (default: the one ``ray.init()`` finds, else an embedded local one with ``nodes``
-    simulated nodes). A rank whose actor dies (process killed, node lost) is restarted up to
+    simulated nodes). Hub checkpoints: ``fetch`` is ``"ranges"`` (default: each node downloads only
+    the byte ranges its ranks read, joining ranges closer than ``fetch_gap_bytes``, 1 MiB by default)
+    or ``"files"`` (whole files). A rank whose actor dies (process killed, node lost) is restarted up to
     ``max_restarts`` times, on another node if its node is gone and the cluster has room. Use as a
     context manager, or call ``shutdown()``.
     """
@@ -123,8 +127,15 @@ def load(
             start_kwargs["worker_cls"] = worker_cls
         group.start(**start_kwargs)
         group.call("check_kernels")  # e.g. flash-attn on every node, before a single weight byte is fetched
-        paths, fetched, fetch_report = _node_files(load_plan, group, plan_options, progress=progress)
-        reports = materialize(load_plan, group, paths, fetched, progress=progress, max_restarts=max_restarts)
+        fetch_options = dict(mode=fetch, max_gap_bytes=fetch_gap_bytes, **plan_options)
+        paths, fetched, fetch_report = _node_files(load_plan, group, fetch_options, progress=progress)
+
+        def refetch():
+            new_paths, new_fetched, _ = _node_files(load_plan, group, fetch_options, progress=progress)
+            return new_paths, new_fetched
+
+        reports = materialize(load_plan, group, list(paths), list(fetched), progress=progress,
+                              max_restarts=max_restarts, refetch=refetch if load_plan.model.kind == "hub" else None)
         reports = [dataclasses.replace(r, restarts=group.restarts[r.rank]) for r in reports]
         return LoadedModel(load_plan, reports, group, connection, fetch_report=fetch_report, timeout_s=timeout_s)
     except BaseException:
@@ -155,6 +166,8 @@ def _node_files(load_plan: LoadPlan, group: RankGroup, plan_options: dict, *, pr
         group,
         cache_dir=plan_options.get("cache_dir"),
         token=plan_options.get("token"),
+        mode=plan_options.get("mode"),
+        max_gap_bytes=plan_options.get("max_gap_bytes"),
         progress=progress,
     )
     return result.paths, result.bytes_fetched, result.nodes

@@ -24,6 +24,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--cache-dir", default=None, help="Hub cache folder (default: huggingface_hub's)")
+    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
     p.add_argument("--model-class", default=None, help="transformers class to build, e.g. BertModel")
     p.add_argument("--tp-plan", default=None, help="JSON object of glob -> style overriding the TP plan")
     p.add_argument("--max-memory", default=None, help="per-rank parameter budget, e.g. 40GiB")
@@ -40,6 +41,7 @@ def _plan_kwargs(args) -> dict:
         attn_implementation=args.attn_implementation,
         revision=args.revision,
         cache_dir=args.cache_dir,
+        token=args.token,
         model_class=args.model_class,
         tp_plan=json.loads(args.tp_plan) if args.tp_plan else None,
         max_memory=args.max_memory,
@@ -82,7 +84,8 @@ def cmd_load(args) -> int:
     from orchestrator.report_view import report_table
 
     kwargs = _plan_kwargs(args)
-    with load(args.model, address=args.address, timeout_s=args.timeout, **kwargs) as m:
+    with load(args.model, address=args.address, timeout_s=args.timeout, fetch=args.fetch,
+              fetch_gap_bytes=args.fetch_gap, **kwargs) as m:
         print(report_table(m))
         if args.report:
             with open(args.report, "w", encoding="utf-8") as f:
@@ -113,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, a running cluster, or embedded)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a step of the load is abandoned")
+    p.add_argument("--fetch", choices=["ranges", "files"], default=None,
+                   help="Hub checkpoints: download only the byte ranges the node's ranks read (default) or whole files")
+    p.add_argument("--fetch-gap", type=int, default=None, metavar="BYTES",
+                   help="ranges closer than this are downloaded as one request (default 1 MiB; 0 = exact)")
     p.add_argument("--report", default=None, help="write the plan and report as JSON to this file")
     p.add_argument("--input-ids", default=None, help="token ids for greedy generation across the ranks, e.g. 1,2,3")
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate with --input-ids")

@@ -45,8 +45,12 @@ def materialize(
     *,
     progress: bool,
     max_restarts: int,
+    refetch=None,
 ) -> list[RankReport]:
-    """Run load / ties / finalize on every rank with bounded restarts; returns the reports in rank order."""
+    """Run load / ties / finalize on every rank with bounded restarts; returns the reports in rank order.
+
+    ``refetch()`` (Hub loads) fetches again and returns new ``(paths, fetched)``: a rank re-placed on
+    another node must read from that node's cache, which the fetch fills first."""
     import ray
 
     ranks = [r.rank for r in plan.ranks]
@@ -74,6 +78,7 @@ def materialize(
         dead = {r for r in errors if is_actor_death(errors[r])} | group.dead_ranks(suspects)
         if not dead:
             raise group_errors(errors, group.where)
+        moved = False
         for r in sorted(dead):
             if group.restarts[r] >= max_restarts:
                 raise RankError(
@@ -81,9 +86,15 @@ def materialize(
                     f"giving up after {max_restarts} restart(s)"
                 ) from errors.get(r)
             log.warning("meshload: rank %d (node %s) died during %s; restarting it", r, group.where.get(r, "?"), step)
+            before = group.node_ids.get(r)
             group.restart(r)
+            moved |= group.node_ids.get(r) != before
             state[r] = "new"
             done_bytes.pop(r, None)
+        if moved and refetch is not None:
+            new_paths, new_fetched = refetch()
+            paths[:] = new_paths
+            fetched[:] = new_fetched
         for r in ranks:  # receivers not yet ready take their tied tensors again from restarted senders
             if state[r] == "tied" and any(s in dead for s in senders_of.get(r, [])):
                 state[r] = "loaded"

@@ -1,0 +1,411 @@
+"""Index a Hub checkpoint from its safetensors headers, fetched with HTTP range requests.
+
+Planning a load of ``org/name`` must not download the shards: it needs each file's header (a few
+kilobytes: every tensor's dtype, shape and byte range), ``config.json``, the sharded index, and — for
+the fetch stage — every file's size and sha256. This module gets exactly that:
+
+1. the revision → commit sha (``HfApi.resolve_revision``, which also records it under ``refs/``);
+2. one listing of the repo root at that commit (``HfApi.list_repo_tree``; ``get_paths_info`` for shards
+   in sub-folders): the checkpoint layout, each file's size and its LFS sha256;
+3. ``config.json`` and ``model.safetensors.index.json`` with ``hf_hub_download`` (small, and cached in
+   the standard layout so that other tools and offline planning reuse them);
+4. per safetensors file two range requests — ``bytes=0-7`` then exactly the JSON header — validated by
+   ``planning.safetensors_header``. Not one byte of tensor data is requested. The header bytes are kept
+   in the cache's range store (``planning.hub_cache``: a sparse part holding just the header), so a
+   later offline plan, or a range fetch on this machine, does not ask for them again.
+
+Every file is addressed by the resolved commit, so the plan, and every node's fetch, read the same
+version even if the branch moves meanwhile.
+
+Offline (``HF_HUB_OFFLINE=1``): the same index is built from the local cache — the ref → commit, the
+snapshot's config and index, each file's header from the cached file or from a range-fetched partial
+copy (which always holds its header). Everything missing is named in one ``CheckpointError``.
+
+Runs on the driver (``orchestrator.plan``/``load``, ``meshload plan``). No Ray, no tensor data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from planning import hub_cache
+from planning.checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, index_from_headers
+from planning.errors import CheckpointError, ConfigError
+from planning.planner import ResolvedModel
+from planning.safetensors_header import SafetensorsHeader, header_length, parse_header, read_header
+
+try:  # huggingface_hub ≥ 2 speaks httpx2; 1.x spoke httpx
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
+    import httpx
+
+log = logging.getLogger("meshload")
+
+HEADER_FETCH_WORKERS = 8
+HEADER_ATTEMPTS = 4
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def hub_endpoint() -> str:
+    """The Hub endpoint, read now: ``$HF_ENDPOINT`` if set, else huggingface_hub's configured one."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def hub_offline() -> bool:
+    """Offline mode, read now (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``, or huggingface_hub's own flag)."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return constants.is_offline_mode() or any((v or "").strip().upper() in ("1", "ON", "YES", "TRUE") for v in flags)
+
+
+def http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def transient_error(exc: BaseException) -> bool:
+    """Worth retrying: a timeout, a dropped connection, a body cut short, or HTTP 408/429/5xx (anywhere in the cause chain)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, httpx.TransportError) and not isinstance(exc, httpx.ProxyError):
+            return True
+        if http_status(exc) in RETRY_STATUS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def describe_hub_error(exc: BaseException, *, repo_id: str, revision: str | None, what: str) -> CheckpointError:
+    """A ``CheckpointError`` naming the repo, revision and file for an error of huggingface_hub or the network."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    rev = revision or "main"
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, GatedRepoError):
+        return CheckpointError(f"{repo_id}: gated repo; accept its conditions on the Hub and pass token=... ({what})")
+    if isinstance(exc, RepositoryNotFoundError):
+        return CheckpointError(
+            f"{repo_id}: no such repo at {hub_endpoint()} (or it is private and no valid token was given) ({what})"
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return CheckpointError(f"{repo_id}: revision {rev!r} not found ({what})")
+    if isinstance(exc, RemoteEntryNotFoundError):
+        return CheckpointError(f"{repo_id}@{rev}: {what}: no such file in the repo")
+    if isinstance(exc, OfflineModeIsEnabled):
+        return CheckpointError(f"{repo_id}@{rev}: {what}: offline mode is on (HF_HUB_OFFLINE) and it is not cached")
+    status = http_status(exc)
+    if status is not None:
+        return CheckpointError(f"{repo_id}@{rev}: {what}: HTTP {status} from the Hub ({first_line})")
+    if isinstance(exc, httpx.TransportError):
+        return CheckpointError(
+            f"{repo_id}@{rev}: {what}: cannot reach the Hub at {hub_endpoint()} ({type(exc).__name__}: {first_line}); "
+            f"set HF_HUB_OFFLINE=1 to plan from the local cache"
+        )
+    return CheckpointError(f"{repo_id}@{rev}: {what}: {type(exc).__name__}: {first_line}")
+
+
+def _retrying(fn, *, repo_id: str, revision: str, what: str, attempts: int = HEADER_ATTEMPTS, base_s: float = 0.5):
+    """Call ``fn`` with retries on transient errors; anything else, or the last failure, as a ``CheckpointError``."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated below
+            if attempt + 1 < attempts and transient_error(exc):
+                time.sleep(min(8.0, base_s * 2**attempt))
+                continue
+            raise describe_hub_error(exc, repo_id=repo_id, revision=revision, what=what) from exc
+    raise AssertionError("unreachable")
+
+
+# -- range requests ------------------------------------------------------------------------------
+
+def read_range(url: str, *, start: int, stop: int, file: str, size: int, headers: dict[str, str], timeout: float) -> bytes:
+    """Bytes ``[start, stop)`` of the file at ``url`` with one HTTP range request (redirects followed).
+
+    A server that ignores the range (HTTP 200) is refused, not read: that would be the whole shard.
+    The total size in ``Content-Range`` must match ``size`` (the repo listing's), or the file changed.
+    """
+    from huggingface_hub.utils import get_session, hf_raise_for_status
+
+    want = stop - start
+    request_headers = {**headers, "Range": f"bytes={start}-{stop - 1}", "Accept-Encoding": "identity"}
+    with get_session().stream("GET", url, headers=request_headers, timeout=timeout, follow_redirects=True) as response:
+        hf_raise_for_status(response)
+        if response.status_code != 206:
+            raise CheckpointError(
+                f"{file}: the server answered HTTP {response.status_code} to a range request for bytes {start}-{stop - 1} "
+                f"of {response.url}; byte ranges are required to read headers without downloading the shard"
+            )
+        total = response.headers.get("Content-Range", "").rpartition("/")[2]
+        if total.isdigit() and int(total) != size:
+            raise CheckpointError(
+                f"{file}: the repo listing says {size} bytes but the server reports {total} (Content-Range of {response.url})"
+            )
+        buf = bytearray()
+        for chunk in response.iter_bytes():
+            buf += chunk
+            if len(buf) >= want:
+                break
+    if len(buf) < want:
+        raise httpx.RemoteProtocolError(f"{file}: range {start}-{stop - 1}: got {len(buf)} of {want} bytes")
+    return bytes(buf[:want])
+
+
+def fetch_header(url: str, *, file: str, size: int, headers: dict[str, str], timeout: float) -> tuple[SafetensorsHeader, bytes]:
+    """A safetensors header over HTTP — the 8-byte length, then exactly the JSON — validated; and its raw bytes."""
+    prefix = read_range(url, start=0, stop=8, file=file, size=size, headers=headers, timeout=timeout) if size >= 8 else b""
+    n = header_length(prefix, file=file, file_size=size)
+    body = read_range(url, start=8, stop=8 + n, file=file, size=size, headers=headers, timeout=timeout) if n else b""
+    return parse_header(body, file=file, file_size=size), prefix + body
+
+
+# -- layout ----------------------------------------------------------------------------------------
+
+def choose_layout(names: set[str], *, where: str) -> tuple[str, str]:
+    """``("index", name)`` or ``("single", name)`` from the file names at the repo root; pickle-only is refused."""
+    if SAFE_INDEX in names:
+        return "index", SAFE_INDEX
+    if SAFE_SINGLE in names:
+        return "single", SAFE_SINGLE
+    singles = sorted(n for n in names if n.endswith(".safetensors") and "/" not in n)
+    if len(singles) == 1:
+        return "single", singles[0]
+    pickles = sorted(n for n in names if n in (PICKLE_INDEX, PICKLE_SINGLE) or n.endswith(PICKLE_SUFFIXES))
+    if pickles and not singles:
+        entry = PICKLE_INDEX if PICKLE_INDEX in pickles else pickles[0]
+        raise CheckpointError(
+            f"{where}/{entry} is a pickle checkpoint; loading it can run arbitrary code, so meshload refuses it "
+            f"(Hub checkpoints are fetched and read as safetensors only, and this repo has no .safetensors weights). "
+            f"Prefer converting it to safetensors."
+        )
+    raise CheckpointError(
+        f"{where}: no {SAFE_INDEX}, {SAFE_SINGLE} or {PICKLE_SINGLE} found "
+        f"(found {len(singles)} .safetensors files without an index; files: {sorted(names)[:20]})"
+    )
+
+
+def _load_json(path: str, *, what: str, error: type[Exception]) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise error(f"{what}: cannot read JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise error(f"{what}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _weight_map(data: dict, *, what: str) -> dict[str, str]:
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{what}: expected an object with a 'weight_map' of tensor name → file name")
+    for fname in set(weight_map.values()):
+        hub_cache.check_repo_filename(fname, where=what)
+    return weight_map
+
+
+# -- online ----------------------------------------------------------------------------------------
+
+def resolve_hub_model(
+    repo_id: str, *, revision: str | None = None, cache_dir: str | None = None, token: str | bool | None = None
+) -> ResolvedModel:
+    """Locate and index Hub repo ``repo_id`` at ``revision`` (see module docstring); headers only."""
+    root = hub_cache.cache_root(cache_dir)
+    if hub_offline():
+        return _resolve_offline(repo_id, revision=revision, root=root)
+    return _resolve_online(repo_id, revision=revision, root=root, token=token)
+
+
+def _resolve_online(repo_id: str, *, revision: str | None, root: str, token) -> ResolvedModel:
+    from huggingface_hub import HfApi, hf_hub_download, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+    from huggingface_hub.hf_api import RepoFile
+
+    endpoint = hub_endpoint()
+    api = HfApi(endpoint=endpoint, token=token)
+    rev = revision or "main"
+    commit = str(
+        _retrying(
+            lambda: api.resolve_revision(repo_id, revision=revision, cache_dir=root, token=token).resolved,
+            repo_id=repo_id, revision=rev, what="resolving the revision",
+        )
+    )
+    where = f"{repo_id}@{commit[:12]}"
+    listing = {
+        e.path: e
+        for e in _retrying(
+            lambda: list(api.list_repo_tree(repo_id, revision=commit, token=token)),
+            repo_id=repo_id, revision=commit, what="listing the repo",
+        )
+        if isinstance(e, RepoFile)
+    }
+    kind, entry = choose_layout(set(listing), where=where)
+
+    def download(name: str) -> str:
+        return _retrying(
+            lambda: hf_hub_download(repo_id, name, revision=commit, cache_dir=root, token=token, endpoint=endpoint),
+            repo_id=repo_id, revision=commit, what=name,
+        )
+
+    if "config.json" not in listing:
+        raise ConfigError(f"{where}: no config.json in the repo")
+    config_dict = _load_json(download("config.json"), what=f"{where}/config.json", error=ConfigError)
+    weight_map = None
+    if kind == "index":
+        weight_map = _weight_map(_load_json(download(entry), what=f"{where}/{entry}", error=CheckpointError), what=f"{where}/{entry}")
+        files = sorted(set(weight_map.values()))
+    else:
+        files = [entry]
+    absent = [f for f in files if f not in listing]
+    if absent:
+        infos = _retrying(
+            lambda: api.get_paths_info(repo_id, absent, revision=commit, token=token),
+            repo_id=repo_id, revision=commit, what="looking up the shards",
+        )
+        listing.update({e.path: e for e in infos if isinstance(e, RepoFile)})
+        still = [f for f in absent if f not in listing]
+        if still:
+            raise CheckpointError(f"{where}: {entry} references {len(still)} file(s) missing from the repo: {still}")
+
+    from huggingface_hub import constants
+
+    http_headers = build_hf_headers(token=token)
+    timeout = float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+
+    def header_of(name: str) -> SafetensorsHeader:
+        url = hf_hub_url(repo_id, name, revision=commit, endpoint=endpoint)
+        return _retrying(
+            lambda: fetch_header(url, file=name, size=listing[name].size, headers=http_headers, timeout=timeout),
+            repo_id=repo_id, revision=commit, what=f"{name} (header)",
+        )
+
+    with ThreadPoolExecutor(max_workers=min(HEADER_FETCH_WORKERS, len(files))) as pool:
+        fetched = dict(zip(files, pool.map(header_of, files)))
+    headers = {name: header for name, (header, _) in fetched.items()}
+    sha256 = {f: listing[f].lfs.sha256 for f in files if listing[f].lfs is not None}
+    for name, (header, raw) in fetched.items():
+        _keep_header(root, repo_id, commit, name, size=header.file_size, sha256=sha256.get(name), raw=raw)
+    index = index_from_headers(None, headers, weight_map=weight_map, sha256=sha256, index_name=entry)
+    return ResolvedModel(ref_source=repo_id, kind="hub", root=None, revision=commit, config_dict=config_dict, index=index)
+
+
+def _keep_header(root: str, repo_id: str, commit: str, name: str, *, size: int, sha256: str | None, raw: bytes) -> None:
+    """Keep a fetched header in the cache's range store: offline planning and range fetches reuse it.
+
+    Best effort: a read-only or full cache only costs those later requests.
+    """
+    try:
+        hub_cache.record_ranges(
+            root, repo_id, commit=commit, filename=name, size=size, sha256=sha256, start=0, data=raw, lock_timeout_s=5.0
+        )
+    except Exception as exc:  # noqa: BLE001 - an optimisation; planning goes on
+        log.warning("meshload: could not keep the header of %s in %s (%s)", name, root, exc)
+
+
+# -- offline ---------------------------------------------------------------------------------------
+
+def _cached_names(root: str, repo_id: str, commit: str) -> set[str]:
+    """Files of ``commit`` present in the cache: whole (snapshot) or in part (range store)."""
+    names = set()
+    snap = os.path.join(hub_cache.repo_folder(root, repo_id), "snapshots", commit)
+    ranges = os.path.join(hub_cache.repo_folder(root, repo_id), hub_cache.RANGES_DIR, commit)
+    for base, suffix in ((snap, ""), (ranges, ".json")):
+        for folder, _, entries in os.walk(base):
+            for e in entries:
+                if e.endswith(suffix):
+                    rel = os.path.relpath(os.path.join(folder, e), base).replace(os.sep, "/")
+                    names.add(rel[: len(rel) - len(suffix)] if suffix else rel)
+    return names
+
+
+def _partial_header(root: str, repo_id: str, commit: str, name: str) -> tuple[SafetensorsHeader, str | None] | None:
+    """The header of a range-fetched file, if its manifest covers it."""
+    data, manifest_path = hub_cache.range_paths(root, repo_id, commit=commit, filename=name)
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            raw = json.load(f)
+        size, sha = int(raw["size"]), raw.get("sha256")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    manifest = hub_cache.read_manifest(manifest_path, file=name, size=size, sha256=sha)
+    if manifest is None or manifest.missing([(0, min(8, size))]):
+        return None
+    with open(data, "rb") as f:
+        n = header_length(f.read(8), file=name, file_size=size)
+        if manifest.missing([(0, 8 + n)]):
+            return None
+        body = f.read(n)
+    return parse_header(body, file=name, file_size=size), manifest.sha256
+
+
+def _resolve_offline(repo_id: str, *, revision: str | None, root: str) -> ResolvedModel:
+    rev = revision or "main"
+    commit = hub_cache.ref_commit(root, repo_id, revision=rev)
+    if commit is None:
+        raise CheckpointError(
+            f"{repo_id}: offline mode (HF_HUB_OFFLINE=1) and revision {rev!r} is not in the local cache {root} "
+            f"(no refs/{rev}); resolve it once online, or pass revision=<commit sha> of a cached snapshot"
+        )
+    where = f"{repo_id}@{commit[:12]}"
+    names = _cached_names(root, repo_id, commit)
+    missing: list[str] = []
+    config_path = hub_cache.complete_file(root, repo_id, commit=commit, filename="config.json")
+    if config_path is None:
+        missing.append("config.json")
+    try:
+        kind, entry = choose_layout(names, where=where)
+    except CheckpointError as exc:
+        if "pickle" in str(exc):
+            raise
+        kind, entry = None, None
+        missing.append(f"{SAFE_INDEX} or {SAFE_SINGLE}")
+    weight_map, files = None, []
+    if kind == "index":
+        index_path = hub_cache.complete_file(root, repo_id, commit=commit, filename=entry)
+        if index_path is None:
+            missing.append(entry)
+        else:
+            weight_map = _weight_map(_load_json(index_path, what=f"{where}/{entry}", error=CheckpointError), what=f"{where}/{entry}")
+            files = sorted(set(weight_map.values()))
+    elif kind == "single":
+        files = [entry]
+    headers, sha256 = {}, {}
+    for name in files:
+        path = hub_cache.complete_file(root, repo_id, commit=commit, filename=name)
+        if path is not None:
+            headers[name] = read_header(path, display_name=name)
+            if (sha := hub_cache.blob_sha256(path)) is not None:
+                sha256[name] = sha
+            continue
+        partial = _partial_header(root, repo_id, commit, name)
+        if partial is None:
+            missing.append(f"{name} (not even its header)")
+            continue
+        headers[name], sha = partial
+        if sha is not None:
+            sha256[name] = sha
+    if missing:
+        raise CheckpointError(
+            f"{where}: offline mode (HF_HUB_OFFLINE=1) and the local cache {root} lacks {len(missing)} item(s): "
+            f"{', '.join(missing)}. Run once online (meshload plan/load without HF_HUB_OFFLINE) or copy the cache."
+        )
+    config_dict = _load_json(config_path, what=f"{where}/config.json", error=ConfigError)
+    index = index_from_headers(None, headers, weight_map=weight_map, sha256=sha256, index_name=entry)
+    return ResolvedModel(ref_source=repo_id, kind="hub", root=None, revision=commit, config_dict=config_dict, index=index)

@@ -79,11 +79,17 @@ def build_source_map(
     """Match every checkpoint key to the model; see the module docstring."""
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
+    targets = skeleton.by_name
+    if not renamings and not MESHLOAD_CONVERSIONS.get(skeleton.model_type) and set(index.tensors) <= set(targets):
+        # Every checkpoint key already names a model tensor (what save_pretrained writes for most families):
+        # no renaming or conversion can apply, so skip building transformers' table of all families (~0.2 s).
+        exprs = {k: Source(k, e.shape, e.dtype) for k, e in index.tensors.items()}
+        return _finish(skeleton, exprs, {k: k for k in exprs}, [])
+
     transforms = _transforms(model, renamings)
     renames = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     by_pattern = {p: c for c in converters for p in c.source_patterns}
-    targets = skeleton.by_name
     prefix = skeleton.base_model_prefix
 
     exprs: dict[str, Expr] = {}
@@ -120,7 +126,12 @@ def build_source_map(
             if name in exprs:
                 raise ConversionError(f"parameter {name!r} is filled twice (by {origin.get(name)!r} and by a conversion)")
             exprs[name], origin[name] = expr, renamed
+    return _finish(skeleton, exprs, origin, unexpected)
 
+
+def _finish(skeleton: Skeleton, exprs: dict[str, Expr], origin: dict[str, str], unexpected: list[str]) -> SourceMap:
+    """Check shapes and dtype kinds, resolve ties, list what is missing."""
+    targets = skeleton.by_name
     for name, expr in exprs.items():
         try:
             check_expr(expr, what=name)

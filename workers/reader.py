@@ -39,6 +39,17 @@ MAX_IO_BYTES = 256 << 20  # one pread at most
 IOV_MAX = 1024
 DEFAULT_STAGING_BYTES = 64 << 20  # chunk size, and size of each staging buffer
 DEFAULT_THREADS = 4
+# Page-locking costs ~0.5-0.8 s per GiB (measured on a lent H100, docs/BENCHMARKS.md) while 8 threads
+# preadv-ing 8 MiB chunks into page-locked memory reach ~43 GB/s: many small buffers, few bytes pinned.
+CUDA_STAGING_BYTES = 8 << 20
+CUDA_THREADS = 8
+
+
+def io_defaults(device: torch.device) -> tuple[int, int]:
+    """(reader threads, chunk/staging bytes) for a destination device."""
+    if device.type == "cuda":
+        return min(CUDA_THREADS, os.cpu_count() or CUDA_THREADS), CUDA_STAGING_BYTES
+    return DEFAULT_THREADS, DEFAULT_STAGING_BYTES
 
 
 class Progress:
@@ -177,13 +188,17 @@ def _pread_chunked(files, name, buffers, offset, what, progress) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """A slab of one ``ReadItem``: ``src_box`` rows of the source into ``dst_box`` of ``dest``."""
+    """A slab of one ``ReadItem``: ``src_box`` rows of the source into ``dst_box`` of ``dest``.
+
+    ``span`` is set when the slab is one contiguous byte range of the file landing, in the same dtype and
+    order, in one contiguous byte range of ``dest``: ``(file offset, dest byte offset)`` — the fast path."""
 
     item: ReadItem
     dest: torch.Tensor
     src_box: Box
     dst_box: Box
     direct: bool
+    span: tuple[int, int] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -213,73 +228,104 @@ def chunks_of(item: ReadItem, dest: torch.Tensor, *, max_bytes: int) -> list[Chu
     dst_dim = item.axes.index(0)
     s0, s1 = item.src_box[0]
     d0 = item.dst_box[dst_dim][0]
+    same_layout = str(dest.dtype).removeprefix("torch.") == item.src_dtype and dest.is_contiguous() and not (
+        Fragment(item.tensor, item.src_box, item.dst_box, item.axes).is_permuted
+    )
+    itemsize = TORCH_DTYPE_ITEMSIZE[item.src_dtype]
     out = []
     for a in range(s0, s1, rows):
         b = min(s1, a + rows)
-        out.append(Chunk(item, dest, replace_dim(item.src_box, 0, (a, b)),
-                         replace_dim(item.dst_box, dst_dim, (d0 + a - s0, d0 + b - s0)), direct))
+        src_box = replace_dim(item.src_box, 0, (a, b))
+        dst_box = replace_dim(item.dst_box, dst_dim, (d0 + a - s0, d0 + b - s0))
+        span = None
+        if same_layout:
+            src, dst = runs(item.src_shape, src_box), runs(tuple(dest.shape), dst_box)
+            if src.count == 1 and dst.count == 1:
+                span = (item.file_offset + src.first * itemsize, dst.first * itemsize)
+        out.append(Chunk(item, dest, src_box, dst_box, direct, span))
     return out
 
 
 class StagingRing:
-    """A fixed set of staging buffers (page-locked for GPU destinations); a buffer goes back to the ring
-    only once the asynchronous copy out of it has finished."""
+    """At most ``count`` staging buffers (page-locked for GPU destinations), allocated on first need so
+    that reading starts at once. A buffer goes back to the ring with the CUDA event of the copy out of
+    it; it is handed out again only once that copy has finished."""
 
     def __init__(self, count: int, nbytes: int, *, pin: bool) -> None:
         self.nbytes = nbytes
         self.pin = pin
         self._free: queue.Queue = queue.Queue()
-        for _ in range(count):
-            self._free.put((torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin), None))
+        self._left = count
+        self._lock = threading.Lock()
 
-    def take(self) -> torch.Tensor:
-        buffer, event = self._free.get()
+    def take(self) -> tuple[torch.Tensor, np.ndarray, object]:
+        """A buffer, a writable byte view of it, and its event (None until it first carries a copy)."""
+        try:
+            buffer, view, event = self._free.get_nowait()
+        except queue.Empty:
+            with self._lock:
+                grow = self._left > 0
+                self._left -= grow
+            if grow:
+                buffer = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self.pin)
+                return buffer, buffer.numpy(), None
+            buffer, view, event = self._free.get()
         if event is not None:
             event.synchronize()
-        return buffer
+        return buffer, view, event
 
-    def give(self, buffer: torch.Tensor, event) -> None:
-        self._free.put((buffer, event))
+    def give(self, buffer: torch.Tensor, view: np.ndarray, event) -> None:
+        self._free.put((buffer, view, event))
 
 
 def _staged(chunk: Chunk, files: CheckpointFiles, ring: StagingRing, progress: Progress | None) -> None:
     item = chunk.item
-    dtype = getattr(torch, item.src_dtype)
-    shape = box_shape(chunk.src_box)
     on_gpu = chunk.dest.device.type == "cuda"
-    oversized = chunk.nbytes > ring.nbytes
-    buffer = torch.empty(chunk.nbytes, dtype=torch.uint8, pin_memory=ring.pin) if oversized else ring.take()
-    event = None
+    n = chunk.nbytes
+    oversized = n > ring.nbytes
+    if oversized:
+        buffer = torch.empty(n, dtype=torch.uint8, pin_memory=ring.pin)
+        view, event = buffer.numpy(), None
+    else:
+        buffer, view, event = ring.take()
     try:
-        staging = buffer[: chunk.nbytes].view(dtype).view(shape)
-        read_box(files, item, chunk.src_box, staging, tuple((0, n) for n in shape), progress)
-        frag = Fragment(item.tensor, chunk.src_box, chunk.dst_box, item.axes)
-        target = chunk.dest[box_slices(chunk.dst_box)]
+        if chunk.span is not None:  # one range of the file → one range of dest: a single read, a 1-D copy
+            files.pread_into(item.file, [memoryview(view[:n])], chunk.span[0], what=f"tensor {item.tensor!r}")
+            if progress is not None:
+                progress.add(n)
+            source = buffer[:n]
+            target = chunk.dest.view(-1).view(torch.uint8)[chunk.span[1] : chunk.span[1] + n]
+        else:
+            shape = box_shape(chunk.src_box)
+            staging = buffer[:n].view(getattr(torch, item.src_dtype)).view(shape)
+            read_box(files, item, chunk.src_box, staging, tuple((0, k) for k in shape), progress)
+            source = fragment_view(Fragment(item.tensor, chunk.src_box, chunk.dst_box, item.axes), staging)
+            target = chunk.dest[box_slices(chunk.dst_box)]
         if on_gpu:
-            stream = _thread_stream(chunk.dest.device)
-            with torch.cuda.stream(stream):
-                target.copy_(fragment_view(frag, staging), non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(stream)
+            _use_thread_stream(chunk.dest.device)
+            target.copy_(source, non_blocking=True)
+            event = event or torch.cuda.Event()
+            event.record()
             if oversized:
                 event.synchronize()
         else:
-            target.copy_(fragment_view(frag, staging))
+            target.copy_(source)
     finally:
         if not oversized:
-            ring.give(buffer, event)
+            ring.give(buffer, view, event)
 
 
 _streams = threading.local()
 
 
-def _thread_stream(device: torch.device):
-    stream = getattr(_streams, "stream", None)
-    if stream is None or stream.device != device:
+def _use_thread_stream(device: torch.device) -> None:
+    """Make this reader thread's own CUDA stream current (once per thread), so copies from different
+    threads overlap each other and the reads."""
+    if getattr(_streams, "device", None) != device:
         stream = torch.cuda.Stream(device=device)
         stream.wait_stream(torch.cuda.current_stream(device))  # destinations were allocated on the default stream
-        _streams.stream = stream
-    return stream
+        torch.cuda.set_stream(stream)
+        _streams.device = device
 
 
 def read_items(
@@ -300,7 +346,11 @@ def read_items(
     ring = StagingRing(min(2 * workers, len(staged)), staging_bytes, pin=gpu is not None) if staged else None
 
     def run(chunk: Chunk) -> None:
-        if chunk.direct:
+        if chunk.direct and chunk.span is not None:
+            n = chunk.nbytes
+            out = memoryview(byte_view(chunk.dest)[chunk.span[1] : chunk.span[1] + n])
+            _pread_chunked(files, chunk.item.file, [out], chunk.span[0], f"tensor {chunk.item.tensor!r}", progress)
+        elif chunk.direct:
             read_box(files, chunk.item, chunk.src_box, chunk.dest, chunk.dst_box, progress)
         else:
             _staged(chunk, files, ring, progress)
@@ -318,7 +368,7 @@ def read_items(
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
     if gpu is not None:
-        torch.cuda.synchronize(gpu)
+        torch.cuda.synchronize(gpu)  # every reader thread's stream
 
 
 def read_item(

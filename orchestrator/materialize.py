@@ -63,8 +63,10 @@ def materialize(
     bar = NodeProgress(plan, enabled=progress)
     done_bytes: dict[int, tuple[int, int]] = {}
 
-    def poll() -> None:
-        refs = {r: group.actors[r].get_progress.remote() for r in ranks if state[r] == "new"}
+    def poll(of: list[int] | None = None) -> None:
+        """Update the bar from the given ranks (once they have finished), else from every rank still loading."""
+        targets = of if of is not None else [r for r in ranks if state[r] == "new"]
+        refs = {r: group.actors[r].get_progress.remote() for r in targets}
         for r, ref in refs.items():
             try:
                 done_bytes[r] = ray.get(ref, timeout=10)
@@ -106,12 +108,12 @@ def materialize(
                 results, errors = group.call_each(
                     "load", per_rank_args=[(paths[r], fetched[r]) for r in todo], ranks=todo, poll=_throttled(poll, 0.5)
                 )
+                poll(of=list(results))  # the final figures of the ranks that finished
                 for r in results:
                     state[r] = "loaded"
                 if errors:
                     recover(errors, "load")
                     continue
-                poll()
             receivers = [r for r in ranks if state[r] == "loaded" and r in senders_of]
             if receivers:
                 refs = {}

@@ -132,18 +132,25 @@ def build_source_map(
 def _finish(skeleton: Skeleton, exprs: dict[str, Expr], origin: dict[str, str], unexpected: list[str]) -> SourceMap:
     """Check shapes and dtype kinds, resolve ties, list what is missing."""
     targets = skeleton.by_name
-    for name, expr in exprs.items():
+    mismatched = []
+    for spec in skeleton.tensors:
+        name = spec.name
+        expr = exprs.get(name)
+        if expr is None:
+            continue
         try:
             check_expr(expr, what=name)
         except ValueError as exc:
             raise ConversionError(str(exc)) from None
-        _check_kinds(name, expr, targets[name].dtype, origin[name])
-        got, want = shape_of(expr), targets[name].shape
-        if got != want:
-            raise ConversionError(
-                f"parameter {name!r}: the checkpoint gives shape {list(got)} (from {origin[name]!r}) but the model "
-                f"expects {list(want)}; the checkpoint does not match config.json"
-            )
+        _check_kinds(name, expr, spec.dtype, origin[name])
+        got = shape_of(expr)
+        if got != spec.shape:
+            mismatched.append(f"{name!r}: checkpoint {list(got)} (from {origin[name]!r}), model {list(spec.shape)}")
+    if mismatched:
+        raise ConversionError(
+            f"{len(mismatched)} parameter(s) whose checkpoint shape differs from what config.json builds: "
+            + "; ".join(mismatched)
+        )
 
     aliases = _resolve_ties(skeleton, exprs)
     ignore_missing = [re.compile(p) for p in skeleton.ignore_missing]

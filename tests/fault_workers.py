@@ -19,7 +19,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def killed_mid_load(marker_dir: str, *, victim: int, after_items: int = 3, times: int = 1) -> type:
-    """A worker whose rank ``victim`` SIGKILLs its own process after reading ``after_items`` chunks,
+    """A worker whose rank ``victim`` SIGKILLs its own process after ``after_items`` file reads,
     on its first ``times`` attempts (attempts are counted in marker files, across processes)."""
 
     class KilledMidLoad(RankWorker):
@@ -28,21 +28,21 @@ def killed_mid_load(marker_dir: str, *, victim: int, after_items: int = 3, times
             if self.rank != victim or attempts >= times:
                 return super().load(paths, bytes_fetched)
             open(os.path.join(marker_dir, f"rank{self.rank}-{attempts}"), "w").close()
-            import workers.reader as module
+            from workers.reader import CheckpointFiles
 
-            original, count = module.read_box, [0]
+            original, count = CheckpointFiles.pread_into, [0]
 
-            def read_then_die(*args, **kwargs):
-                original(*args, **kwargs)
+            def read_then_die(files, *args, **kwargs):
+                original(files, *args, **kwargs)
                 count[0] += 1
                 if count[0] >= after_items:
                     os.kill(os.getpid(), signal.SIGKILL)
 
-            module.read_box = read_then_die
+            CheckpointFiles.pread_into = read_then_die
             try:
                 return super().load(paths, bytes_fetched)
             finally:
-                module.read_box = original
+                CheckpointFiles.pread_into = original
 
     return KilledMidLoad
 

@@ -28,5 +28,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not cluster and not destructive"
 
+# meshload vs transformers' TP load, single-process from_pretrained and a naive loader, on a seeded
+# 1.1B-parameter bf16 Llama; results in bench-out/ (see docs/BENCHMARKS.md).
+bench: $(STAMP)
+	$(PY) -m orchestrator.cli bench --cold
+
 clean:
 	rm -rf $(VENV) demo-out bench-out .pytest_cache

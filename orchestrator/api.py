@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import torch
 
@@ -102,10 +103,12 @@ def load(
     ``max_restarts`` times, on another node if its node is gone and the cluster has room. Use as a
     context manager, or call ``shutdown()``.
     """
+    phases = PhaseClock()
     if isinstance(model, LoadPlan):
         load_plan = model
     else:
         load_plan = plan(model, tp=tp, pp=pp, nodes=nodes, device=device, **plan_options)
+    phases.mark("plan")
     ranks_per_node = max(len(n.ranks) for n in load_plan.nodes)
     gpus_per_rank = 1 if load_plan.device == "cuda" else 0
     connection = connect(
@@ -114,6 +117,7 @@ def load(
         cpus_per_node=max(1, int(ranks_per_node * cpus_per_rank)),
         gpus_per_node=ranks_per_node * gpus_per_rank,
     )
+    phases.mark("connect")
     group = RankGroup(load_plan, timeout_s=timeout_s)
     try:
         start_kwargs = dict(
@@ -127,8 +131,10 @@ def load(
             start_kwargs["worker_cls"] = worker_cls
         group.start(**start_kwargs)
         group.call("check_kernels")  # e.g. flash-attn on every node, before a single weight byte is fetched
+        phases.mark("start ranks")
         fetch_options = dict(mode=fetch, max_gap_bytes=fetch_gap_bytes, **plan_options)
         paths, fetched, fetch_report = _node_files(load_plan, group, fetch_options, progress=progress)
+        phases.mark("fetch")
 
         def refetch():
             new_paths, new_fetched, _ = _node_files(load_plan, group, fetch_options, progress=progress)
@@ -137,7 +143,9 @@ def load(
         reports = materialize(load_plan, group, list(paths), list(fetched), progress=progress,
                               max_restarts=max_restarts, refetch=refetch if load_plan.model.kind == "hub" else None)
         reports = [dataclasses.replace(r, restarts=group.restarts[r.rank]) for r in reports]
-        return LoadedModel(load_plan, reports, group, connection, fetch_report=fetch_report, timeout_s=timeout_s)
+        phases.mark("materialize")
+        return LoadedModel(load_plan, reports, group, connection, fetch_report=fetch_report, timeout_s=timeout_s,
+                           timings=phases.seconds)
     except BaseException:
         try:
             group.shutdown()
@@ -146,11 +154,22 @@ def load(
         raise
 
 
+class PhaseClock:
+    """Wall seconds of each step of a load, on the driver (``LoadedModel.timings``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = now - self._last
+        self._last = now
+
+
 def _rank_env(connection) -> dict[str, str]:
-    env = {"RAY_USAGE_STATS_ENABLED": "0"}
-    if connection.embedded is not None:
-        env["GLOO_SOCKET_IFNAME"] = "lo"
-    return env
+    # gloo picks its interface from the host name, which on a one-machine cluster may not be loopback
+    return {"GLOO_SOCKET_IFNAME": "lo"} if connection.embedded is not None else {}
 
 
 def _node_files(load_plan: LoadPlan, group: RankGroup, plan_options: dict, *, progress: bool):

@@ -1,4 +1,4 @@
-"""The ``meshload`` command: ``plan`` and ``load``.
+"""The ``meshload`` command: ``plan``, ``load`` and ``bench``.
 
 Works the same under ``ray job submit -- meshload ...`` (it joins the cluster through RAY_ADDRESS)
 and prints plain progress lines when its output is not a terminal.
@@ -101,6 +101,12 @@ def cmd_load(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from orchestrator.bench import run_bench
+
+    return run_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshload", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -125,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate with --input-ids")
     p.set_defaults(func=cmd_load)
 
+    p = sub.add_parser("bench", help="measure meshload against transformers (TP and single) and a naive loader")
+    from orchestrator.bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

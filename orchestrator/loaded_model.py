@@ -24,10 +24,12 @@ from workers.report import RankReport
 
 class LoadedModel:
     def __init__(
-        self, plan: LoadPlan, report: list[RankReport], group, connection, *, fetch_report=None, timeout_s: float = 600.0
+        self, plan: LoadPlan, report: list[RankReport], group, connection, *, fetch_report=None, timeout_s: float = 600.0,
+        timings: dict[str, float] | None = None,
     ) -> None:
         self.plan = plan
         self.report = report
+        self.timings = dict(timings or {})  # wall seconds per step of the load, on the driver
         self.fetch_report = fetch_report or []
         self.timeout_s = timeout_s
         self._group = group

@@ -106,7 +106,9 @@ class RankGroup:
         bundles = bundles_for(node_of_rank, plan.num_nodes, cpus_per_rank=cpus_per_rank, gpus_per_rank=gpus_per_rank)
         self.pg = create_placement_group(bundles, timeout_s=placement_timeout_s, name="")
         threads = num_threads or max(1, int(cpus_per_rank))
-        env_vars = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **(env or {})}
+        # Only what a rank cannot set for itself goes through a runtime_env (its own worker pool, so no
+        # reuse of idle workers); the thread count is set by the rank (torch.set_num_threads).
+        runtime_env = {"env_vars": env} if env else None
         remote_cls = ray.remote(worker_cls)
         plan_ref = ray.put(plan)
 
@@ -116,7 +118,7 @@ class RankGroup:
                 num_gpus=gpus_per_rank,
                 max_concurrency=4,
                 max_restarts=0,
-                runtime_env={"env_vars": env_vars},
+                runtime_env=runtime_env,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=plan.ranks[rank].node
                 ),

@@ -119,6 +119,13 @@ def runs(shape: tuple[int, ...], box: Box, *, split: int | None = None) -> Runs:
     return Runs(first=first, run=run, outer=outer)
 
 
+def byte_span(shape: tuple[int, ...], box: Box, *, itemsize: int, offset: int = 0) -> tuple[int, int]:
+    """The smallest byte range (from ``offset``) holding every element of ``box`` in a row-major tensor."""
+    r = runs(shape, box)
+    last = r.first + sum((c - 1) * s for c, s in r.outer) + r.run
+    return offset + r.first * itemsize, offset + last * itemsize
+
+
 def run_offsets(r: Runs):
     """Every run's starting element offset, in order (a numpy array; imported lazily for planning)."""
     import numpy as np

@@ -21,7 +21,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from planning.boxes import Box, box_numel, full_box, translate
+from planning.boxes import Box, box_numel, byte_span, full_box, translate
 from planning.checkpoint import CheckpointFile, CheckpointIndex
 from planning.conversions import SourceMap
 from planning.errors import PlanError
@@ -59,12 +59,7 @@ class ReadItem:
     @property
     def byte_span(self) -> tuple[int, int]:
         """The smallest file range containing every byte this item reads."""
-        from planning.boxes import runs
-
-        r = runs(self.src_shape, self.src_box)
-        last = r.first + sum((c - 1) * s for c, s in r.outer) + r.run
-        size = TORCH_DTYPE_ITEMSIZE[self.src_dtype]
-        return self.file_offset + r.first * size, self.file_offset + last * size
+        return byte_span(self.src_shape, self.src_box, itemsize=TORCH_DTYPE_ITEMSIZE[self.src_dtype], offset=self.file_offset)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,8 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def killed_mid_load(marker_dir: str, *, victim: int, after_items: int = 3, times: int = 1) -> type:
-    """A worker whose rank ``victim`` SIGKILLs its own process after ``after_items`` file reads,
+    """A worker whose rank ``victim`` SIGKILLs its own process after ``after_items`` pieces of its load
+    (each chunk read, each tensor mapped),
     on its first ``times`` attempts (attempts are counted in marker files, across processes)."""
 
     class KilledMidLoad(RankWorker):
@@ -28,21 +29,19 @@ def killed_mid_load(marker_dir: str, *, victim: int, after_items: int = 3, times
             if self.rank != victim or attempts >= times:
                 return super().load(paths, bytes_fetched)
             open(os.path.join(marker_dir, f"rank{self.rank}-{attempts}"), "w").close()
-            from workers.reader import CheckpointFiles
+            progress, original, count = self.progress, self.progress.add, [0]
 
-            original, count = CheckpointFiles.pread_into, [0]
-
-            def read_then_die(files, *args, **kwargs):
-                original(files, *args, **kwargs)
+            def advance_then_die(n):
+                original(n)
                 count[0] += 1
                 if count[0] >= after_items:
                     os.kill(os.getpid(), signal.SIGKILL)
 
-            CheckpointFiles.pread_into = read_then_die
+            progress.add = advance_then_die
             try:
                 return super().load(paths, bytes_fetched)
             finally:
-                CheckpointFiles.pread_into = original
+                progress.add = original
 
     return KilledMidLoad
 

@@ -39,10 +39,15 @@ def _install(model: torch.nn.Module, name: str, value: torch.Tensor, *, is_buffe
 
 
 def build_local_model(
-    plan: LoadPlan, rank_plan: RankPlan, tensors: dict[str, torch.Tensor], device: torch.device
+    plan: LoadPlan,
+    rank_plan: RankPlan,
+    tensors: dict[str, torch.Tensor],
+    device: torch.device,
+    *,
+    meta_model: torch.nn.Module | None = None,
 ) -> torch.nn.Module:
-    """Install ``tensors`` (name → local tensor) into a fresh meta model and compute the buffers."""
-    model = rebuild_meta_model(plan)
+    """Install ``tensors`` (name → local tensor) into a fresh (or the given, unused) meta model and compute the buffers."""
+    model = meta_model if meta_model is not None else rebuild_meta_model(plan)
     installed: dict[str, torch.Tensor] = {}
     for p in rank_plan.params:
         if p.alias_of is not None or p.computed:

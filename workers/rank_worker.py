@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import threading
 import time
 
 import torch
@@ -28,9 +29,9 @@ import torch
 from planning.plan import LoadPlan, ParamPlan
 from planning.skeleton import parse_dtype
 from workers.distributed import free_port, init_world, leave_world
-from workers.local_model import build_local_model
-from workers.reader import CheckpointFiles, Progress, io_defaults, read_items
-from workers.report import RankReport, peak_rss_bytes
+from workers.local_model import build_local_model, rebuild_meta_model
+from workers.reader import CheckpointFiles, Progress, io_defaults, read_items, zero_copy_view
+from workers.report import RankReport, io_counters, peak_rss_bytes
 from workers.stage_runner import StageRunner
 from workers.tp_runtime import apply_tensor_parallel
 
@@ -72,6 +73,7 @@ class RankWorker:
         num_threads: int | None = None,
         io_threads: int | None = None,
         staging_bytes: int | None = None,
+        zero_copy: bool = True,
     ) -> None:
         self.plan = LoadPlan.from_json(plan) if isinstance(plan, str) else plan
         self.rank = rank
@@ -80,6 +82,8 @@ class RankWorker:
             torch.set_num_threads(num_threads)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.plan.device == "cuda" else torch.device("cpu")
         default_threads, default_staging = io_defaults(self.device)
+        self.zero_copy = zero_copy
+        self._mapped: set[str] = set()  # tensors that are views of a mapped file (CPU, zero-copy)
         self.io_threads = io_threads or default_threads
         self.staging_bytes = staging_bytes or default_staging
         self.progress = Progress(total=self.rank_plan.read_bytes)
@@ -88,8 +92,21 @@ class RankWorker:
         self._t0: float | None = None
         self._bytes_read = 0
         self._bytes_fetched = 0
+        self._disk_read = 0
+        self._read_s = 0.0
         self.runner: StageRunner | None = None
         self.cache = None
+        # Importing transformers' model code and building the meta skeleton takes seconds in a fresh
+        # process: start it now, in the background, so it overlaps placement, fetch and the reads.
+        self._skeleton: dict = {}
+        self._skeleton_thread = threading.Thread(target=self._prebuild, name="meshload-skeleton", daemon=True)
+        self._skeleton_thread.start()
+
+    def _prebuild(self) -> None:
+        try:
+            self._skeleton["model"] = rebuild_meta_model(self.plan)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by finalize, on the caller's thread
+            self._skeleton["error"] = exc
 
     # -- introspection -------------------------------------------------------------------------
     def where(self) -> dict:
@@ -113,20 +130,38 @@ class RankWorker:
         """Read every planned range of this rank from ``paths`` (plan file name → local path); returns bytes read."""
         self._t0 = time.perf_counter()
         self._bytes_fetched = bytes_fetched
+        disk_before = io_counters().get("read_bytes", 0)
         readable = [p for p in self.rank_plan.params if p.reads]
-        self.tensors.update(allocate_params(readable, self.device))
-        jobs = [(item, self.tensors[p.name]) for p in readable for item in p.reads]
         with CheckpointFiles(paths) as files:
+            if self.device.type == "cpu" and self.zero_copy:
+                for p in readable:
+                    view = zero_copy_view(files, p)
+                    if view is not None:
+                        self.tensors[p.name] = view
+                        self._mapped.add(p.name)
+                        self.progress.add(p.nbytes)
+            to_read = [p for p in readable if p.name not in self._mapped]
+            self.tensors.update(allocate_params(to_read, self.device))
+            jobs = [(item, self.tensors[p.name]) for p in to_read for item in p.reads]
             read_items(files, jobs, progress=self.progress, threads=self.io_threads, staging_bytes=self.staging_bytes)
             self._bytes_read = files.bytes_read
+        self._disk_read = io_counters().get("read_bytes", 0) - disk_before
+        self._read_s = time.perf_counter() - self._t0
         for p in self.rank_plan.params:
             if p.alias_of is not None:
                 self.tensors[p.name] = self.tensors[p.alias_of]
+                if p.alias_of in self._mapped:
+                    self._mapped.add(p.name)
         return self._bytes_read
 
     def tied_for(self, to_rank: int) -> dict[str, torch.Tensor]:
         """Tensors this rank hands to rank ``to_rank`` of another stage, by their name there (on CPU)."""
-        return {s.as_name: self.tensors[s.name].cpu() for s in self.rank_plan.sends if s.to_rank == to_rank}
+        return {s.as_name: self._export(s.name) for s in self.rank_plan.sends if s.to_rank == to_rank}
+
+    def _export(self, name: str) -> torch.Tensor:
+        """A CPU tensor safe to ship: a mapped view is copied, or pickling would ship its whole file."""
+        t = self.tensors[name].detach()
+        return t.clone() if name in self._mapped else t.cpu()
 
     def receive_tied(self, *parts: dict[str, torch.Tensor]) -> None:
         """Store tied tensors sent by other stages (each part is one sender's ``tied_for`` result)."""
@@ -143,7 +178,13 @@ class RankWorker:
         missing = [p.name for p in self.rank_plan.params if not p.computed and p.name not in self.tensors]
         if missing:
             raise RuntimeError(f"rank {self.rank}: tensors never filled: {missing}")
-        self.model = build_local_model(self.plan, self.rank_plan, self.tensors, self.device)
+        t_build = time.perf_counter()
+        self._skeleton_thread.join()
+        if "error" in self._skeleton:
+            raise self._skeleton["error"]
+        self.model = build_local_model(
+            self.plan, self.rank_plan, self.tensors, self.device, meta_model=self._skeleton.pop("model")
+        )
         for p in self.rank_plan.params:
             if p.computed:
                 self.tensors[p.name] = self.model.get_buffer(p.name)
@@ -163,11 +204,14 @@ class RankWorker:
             tp_rank=self.rank_plan.tp_rank,
             node_ip=where["node_ip"],
             peak_device_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0,
+            disk_read_bytes=self._disk_read,
+            read_seconds=self._read_s,
+            build_seconds=time.perf_counter() - t_build,
         )
 
     def local_state(self) -> dict[str, torch.Tensor]:
         """The rank's loaded tensors (CPU copies), by model name; padding included."""
-        return {p.name: self.tensors[p.name].detach().cpu() for p in self.rank_plan.params if p.name in self.tensors}
+        return {p.name: self._export(p.name) for p in self.rank_plan.params if p.name in self.tensors}
 
     def check_kernels(self) -> None:
         """Fail before any fetch if this rank's node cannot run the requested attention kernel."""

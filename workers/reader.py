@@ -1,25 +1,31 @@
 """Read planned byte ranges of checkpoint files straight into parameter storage.
 
-A ``ReadItem`` says "box B of tensor T goes to box D of this parameter". Both boxes are sets of
-contiguous runs in their row-major layouts. Items are cut into chunks (slabs of rows, ≤ 64 MiB) and
-a pool of threads reads them (``preadv`` releases the GIL, so reads run in parallel):
+A ``ReadItem`` says "box B of tensor T goes to box D of this parameter". Items are cut into chunks
+(slabs of rows, ≤ 64 MiB, 8 MiB for GPUs) that a pool of threads reads in parallel (the reads and
+copies release the GIL). Each chunk takes one of two paths:
 
-- *direct* (CPU destination, same dtype, nothing transposed): the file runs are ``preadv``-ed straight
-  into the destination tensor's memory — no intermediate copy, no read outside the box (a dim-1 slice
-  is one read per row, not a read of the whole matrix);
-- *staged* (a cast, a transpose, or a CUDA destination): a chunk is read into a staging buffer taken
-  from a fixed ring — page-locked when the destination is a GPU — and then copied/cast into place, on
-  the GPU asynchronously on the reading thread's own stream, so the next reads overlap the copies.
-  The ring bounds extra memory to ``threads × 2`` buffers, never a full-precision copy of the shard.
+- *one span* — the slab is one contiguous byte range of the file landing, in the same dtype and order,
+  in one contiguous range of the destination (dim-0 shards, replicated tensors): a single ``preadv``
+  straight into the destination's memory (CPU), or into a page-locked staging buffer followed by an
+  asynchronous host-to-device copy on the thread's own stream (GPU);
+- *strided or converted* — a dim-1 slice (one run per row), a cast, a transpose: the source tensor is
+  viewed through a read-only memory map of the file and the box is copied out in one ``copy_`` (a C
+  loop, not a Python loop over rows), casting on the way; only the box's pages are touched. For a GPU
+  the copy lands in a staging buffer first.
 
-The CPU path and the CUDA path are the same code; only the buffer pinning and the copy's stream differ,
-so CI (no GPU) exercises the pipeline.
+Staging buffers come from a small ring (``threads × 2``), so extra memory is bounded and a cast
+never needs a full-precision copy of the shard. Page-locking is expensive (≈ 0.5-0.8 s/GiB measured on
+an H100 host), so GPU buffers are few and small. The CPU and GPU paths are the same code; only buffer
+pinning and the copy's stream differ, so CI (no GPU) exercises the pipeline.
+
+A file shorter than the plan says is a ``CheckpointError`` naming it (never a SIGBUS from the map).
 
 Runs on every rank (inside the Ray actor), over node-local files.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import queue
 import threading
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from planning.boxes import Box, box_numel, box_shape, box_slices, replace_dim, run_offsets, runs, split_dim
+from planning.boxes import Box, box_numel, box_shape, box_slices, byte_span, replace_dim, runs
 from planning.errors import CheckpointError
 from planning.plan import ReadItem
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
@@ -66,30 +72,73 @@ class Progress:
 
 
 class CheckpointFiles:
-    """Open checkpoint files of one rank, by plan file name; counts bytes read. Thread-safe."""
+    """Open checkpoint files of one rank, by plan file name: descriptors for ``preadv``, read-only maps
+    for strided copies; counts bytes read. Thread-safe."""
 
     def __init__(self, paths: dict[str, str]) -> None:
         self.paths = dict(paths)
         self._fds: dict[str, int] = {}
+        self._maps: dict[str, tuple[mmap.mmap, int]] = {}
         self._lock = threading.Lock()
         self.bytes_read = 0
 
     def fd(self, name: str) -> int:
         with self._lock:
-            fd = self._fds.get(name)
-            if fd is None:
-                path = self.paths.get(name)
-                if path is None:
-                    raise CheckpointError(f"{name}: no local path for this checkpoint file on this node")
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:
-                    raise CheckpointError(f"{name}: file not found at {path}") from None
-                self._fds[name] = fd
-            return fd
+            return self._open(name)
+
+    def _open(self, name: str) -> int:
+        fd = self._fds.get(name)
+        if fd is None:
+            path = self.paths.get(name)
+            if path is None:
+                raise CheckpointError(f"{name}: no local path for this checkpoint file on this node")
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise CheckpointError(f"{name}: file not found at {path}") from None
+            self._fds[name] = fd
+        return fd
+
+    def tensor(self, item: ReadItem) -> torch.Tensor:
+        """The whole source tensor of ``item`` as a read-only view of the mapped file."""
+        with self._lock:
+            entry = self._maps.get(item.file)
+            if entry is None:
+                fd = self._open(item.file)
+                size = os.fstat(fd).st_size
+                # Private copy-on-write map: reads share the page cache; a write (never ours) stays private.
+                mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else None
+                entry = self._maps[item.file] = (mapping, size)
+        mapping, size = entry
+        nbytes = int(np.prod(item.src_shape, dtype=np.int64)) * TORCH_DTYPE_ITEMSIZE[item.src_dtype]
+        if item.file_offset + nbytes > size:
+            raise CheckpointError(
+                f"{item.file}: unexpected end of file at byte {size} while reading tensor {item.tensor!r} "
+                f"(it needs bytes up to {item.file_offset + nbytes}); the file is truncated"
+            )
+        flat = torch.frombuffer(mapping, dtype=getattr(torch, item.src_dtype), count=nbytes // TORCH_DTYPE_ITEMSIZE[item.src_dtype], offset=item.file_offset)
+        return flat.view(item.src_shape)
+
+    def release(self, item: ReadItem, box: Box) -> None:
+        """Unmap (from this process only) the pages a finished strided copy touched, so mapped file pages
+        do not pile up in the rank's resident memory; they stay in the page cache."""
+        mapping, _ = self._maps[item.file]
+        start, end = byte_span(item.src_shape, box, itemsize=TORCH_DTYPE_ITEMSIZE[item.src_dtype], offset=item.file_offset)
+        page = mmap.PAGESIZE
+        start -= start % page
+        if end > start:
+            mapping.madvise(mmap.MADV_DONTNEED, start, min(end - start, len(mapping) - start))
+
+    def count(self, n: int) -> None:
+        with self._lock:
+            self.bytes_read += n
 
     def close(self) -> None:
         with self._lock:
+            # Never mmap.close(): a tensor from torch.frombuffer holds a reference to its map, not a buffer
+            # export, so closing would leave it dangling. Dropping ours unmaps each map when its last
+            # tensor goes (at once for maps only used for copies).
+            self._maps.clear()
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
@@ -119,8 +168,7 @@ class CheckpointFiles:
                 buffers = buffers[1:]
             if got:
                 buffers[0] = buffers[0][got:]
-        with self._lock:
-            self.bytes_read += got_total
+        self.count(got_total)
 
 
 def byte_view(t: torch.Tensor) -> np.ndarray:
@@ -129,61 +177,14 @@ def byte_view(t: torch.Tensor) -> np.ndarray:
     return t.view(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, dtype=np.uint8)
 
 
-def read_box(
-    files: CheckpointFiles,
-    item: ReadItem,
-    src_box: Box,
-    dest: torch.Tensor,
-    dst_box: Box,
-    progress: Progress | None,
-) -> None:
-    """Read ``src_box`` of ``item``'s tensor into ``dst_box`` of contiguous CPU ``dest`` (same dtype, same element order)."""
-    size = TORCH_DTYPE_ITEMSIZE[item.src_dtype]
-    src = runs(item.src_shape, src_box, split=split_dim(src_box, item.src_shape))
-    dst = runs(tuple(dest.shape), dst_box, split=split_dim(dst_box, tuple(dest.shape)))
-    assert src.numel == dst.numel, (src, dst)
-    out = byte_view(dest)
-    src_offsets = run_offsets(src) * size + item.file_offset
-    dst_offsets = run_offsets(dst) * size
-    src_run, dst_run = src.run * size, dst.run * size
+def _pread_span(files: CheckpointFiles, item: ReadItem, out: memoryview, offset: int, progress: Progress | None) -> None:
+    """One contiguous file range into ``out``, in pieces of at most ``MAX_IO_BYTES``."""
     what = f"tensor {item.tensor!r}"
-    if src_run % dst_run == 0:
-        # Each file run fills one or more whole destination runs: one preadv per file run.
-        per = src_run // dst_run
-        for i, file_off in enumerate(src_offsets.tolist()):
-            dsts = dst_offsets[i * per : (i + 1) * per].tolist()
-            _pread_chunked(files, item.file, [memoryview(out[d : d + dst_run]) for d in dsts], file_off, what, progress)
-        return
-    # General case (a destination run spans several file runs): walk both streams.
-    si = di = 0
-    s_left, d_left = src_run, dst_run
-    while si < len(src_offsets):
-        n = min(s_left, d_left)
-        file_off = int(src_offsets[si]) + (src_run - s_left)
-        dst_off = int(dst_offsets[di]) + (dst_run - d_left)
-        _pread_chunked(files, item.file, [memoryview(out[dst_off : dst_off + n])], file_off, what, progress)
-        s_left -= n
-        d_left -= n
-        if s_left == 0:
-            si, s_left = si + 1, src_run
-        if d_left == 0:
-            di, d_left = di + 1, dst_run
-
-
-def _pread_chunked(files, name, buffers, offset, what, progress) -> None:
-    total = sum(len(b) for b in buffers)
-    if total <= MAX_IO_BYTES:
-        files.pread_into(name, buffers, offset, what=what)
+    for start in range(0, len(out), MAX_IO_BYTES):
+        piece = out[start : start + MAX_IO_BYTES]
+        files.pread_into(item.file, [piece], offset + start, what=what)
         if progress is not None:
-            progress.add(total)
-        return
-    for b in buffers:
-        for start in range(0, len(b), MAX_IO_BYTES):
-            piece = b[start : start + MAX_IO_BYTES]
-            files.pread_into(name, [piece], offset, what=what)
-            offset += len(piece)
-            if progress is not None:
-                progress.add(len(piece))
+            progress.add(len(piece))
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,32 +198,26 @@ class Chunk:
     dest: torch.Tensor
     src_box: Box
     dst_box: Box
-    direct: bool
     span: tuple[int, int] | None = None
 
     @property
     def nbytes(self) -> int:
         return box_numel(self.src_box) * TORCH_DTYPE_ITEMSIZE[self.item.src_dtype]
 
-
-def _is_direct(item: ReadItem, dest: torch.Tensor) -> bool:
-    frag = Fragment(item.tensor, item.src_box, item.dst_box, item.axes)
-    return (
-        dest.device.type == "cpu"
-        and dest.is_contiguous()
-        and str(dest.dtype).removeprefix("torch.") == item.src_dtype
-        and not frag.is_permuted
-    )
+    def source_view(self, files: CheckpointFiles) -> torch.Tensor:
+        """The slab rearranged into the destination box's shape, still in the mapped file (not read yet)."""
+        item = self.item
+        region = files.tensor(item)[box_slices(self.src_box)]
+        return fragment_view(Fragment(item.tensor, self.src_box, self.dst_box, item.axes), region)
 
 
 def chunks_of(item: ReadItem, dest: torch.Tensor, *, max_bytes: int) -> list[Chunk]:
     """Cut ``item`` into slabs of its source box's outermost dimension, each at most ``max_bytes`` (≥ 1 row)."""
     if box_numel(item.src_box) == 0:
         return []
-    direct = _is_direct(item, dest)
     shape = box_shape(item.src_box)
     if not shape:
-        return [Chunk(item, dest, item.src_box, item.dst_box, direct)]
+        return [Chunk(item, dest, item.src_box, item.dst_box)]
     row_bytes = box_numel(item.src_box) // shape[0] * TORCH_DTYPE_ITEMSIZE[item.src_dtype]
     rows = max(1, max_bytes // max(row_bytes, 1))
     dst_dim = item.axes.index(0)
@@ -242,7 +237,7 @@ def chunks_of(item: ReadItem, dest: torch.Tensor, *, max_bytes: int) -> list[Chu
             src, dst = runs(item.src_shape, src_box), runs(tuple(dest.shape), dst_box)
             if src.count == 1 and dst.count == 1:
                 span = (item.file_offset + src.first * itemsize, dst.first * itemsize)
-        out.append(Chunk(item, dest, src_box, dst_box, direct, span))
+        out.append(Chunk(item, dest, src_box, dst_box, span))
     return out
 
 
@@ -278,9 +273,23 @@ class StagingRing:
         self._free.put((buffer, view, event))
 
 
-def _staged(chunk: Chunk, files: CheckpointFiles, ring: StagingRing, progress: Progress | None) -> None:
+def _to_cpu(chunk: Chunk, files: CheckpointFiles, progress: Progress | None) -> None:
+    """A chunk whose destination is in host memory: no staging at all."""
+    n = chunk.nbytes
+    if chunk.span is not None:
+        out = memoryview(byte_view(chunk.dest)[chunk.span[1] : chunk.span[1] + n])
+        _pread_span(files, chunk.item, out, chunk.span[0], progress)
+        return
+    chunk.dest[box_slices(chunk.dst_box)].copy_(chunk.source_view(files))  # strided and/or cast, in C
+    files.release(chunk.item, chunk.src_box)
+    files.count(n)
+    if progress is not None:
+        progress.add(n)
+
+
+def _to_gpu(chunk: Chunk, files: CheckpointFiles, ring: StagingRing, progress: Progress | None) -> None:
+    """A chunk for a GPU: into a page-locked staging buffer, then an asynchronous copy on this thread's stream."""
     item = chunk.item
-    on_gpu = chunk.dest.device.type == "cuda"
     n = chunk.nbytes
     oversized = n > ring.nbytes
     if oversized:
@@ -289,27 +298,25 @@ def _staged(chunk: Chunk, files: CheckpointFiles, ring: StagingRing, progress: P
     else:
         buffer, view, event = ring.take()
     try:
-        if chunk.span is not None:  # one range of the file → one range of dest: a single read, a 1-D copy
-            files.pread_into(item.file, [memoryview(view[:n])], chunk.span[0], what=f"tensor {item.tensor!r}")
-            if progress is not None:
-                progress.add(n)
+        if chunk.span is not None:
+            _pread_span(files, item, memoryview(view[:n]), chunk.span[0], progress)
             source = buffer[:n]
             target = chunk.dest.view(-1).view(torch.uint8)[chunk.span[1] : chunk.span[1] + n]
         else:
-            shape = box_shape(chunk.src_box)
-            staging = buffer[:n].view(getattr(torch, item.src_dtype)).view(shape)
-            read_box(files, item, chunk.src_box, staging, tuple((0, k) for k in shape), progress)
-            source = fragment_view(Fragment(item.tensor, chunk.src_box, chunk.dst_box, item.axes), staging)
+            region = chunk.source_view(files)
+            source = buffer[:n].view(region.dtype).view(region.shape)
+            source.copy_(region)  # strided gather from the map into contiguous staging
+            files.release(item, chunk.src_box)
+            files.count(n)
+            if progress is not None:
+                progress.add(n)
             target = chunk.dest[box_slices(chunk.dst_box)]
-        if on_gpu:
-            _use_thread_stream(chunk.dest.device)
-            target.copy_(source, non_blocking=True)
-            event = event or torch.cuda.Event()
-            event.record()
-            if oversized:
-                event.synchronize()
-        else:
-            target.copy_(source)
+        _use_thread_stream(chunk.dest.device)
+        target.copy_(source, non_blocking=True)  # the cast, if any, happens on the GPU
+        event = event or torch.cuda.Event()
+        event.record()
+        if oversized:
+            event.synchronize()
     finally:
         if not oversized:
             ring.give(buffer, view, event)
@@ -340,20 +347,15 @@ def read_items(
     chunks = [c for item, dest in jobs for c in chunks_of(item, dest, max_bytes=staging_bytes)]
     if not chunks:
         return
-    staged = [c for c in chunks if not c.direct]
-    gpu = next((c.dest.device for c in staged if c.dest.device.type == "cuda"), None)
+    gpu = next((c.dest.device for c in chunks if c.dest.device.type == "cuda"), None)
     workers = max(1, min(threads, len(chunks)))
-    ring = StagingRing(min(2 * workers, len(staged)), staging_bytes, pin=gpu is not None) if staged else None
+    ring = StagingRing(2 * workers, staging_bytes, pin=True) if gpu is not None else None
 
     def run(chunk: Chunk) -> None:
-        if chunk.direct and chunk.span is not None:
-            n = chunk.nbytes
-            out = memoryview(byte_view(chunk.dest)[chunk.span[1] : chunk.span[1] + n])
-            _pread_chunked(files, chunk.item.file, [out], chunk.span[0], f"tensor {chunk.item.tensor!r}", progress)
-        elif chunk.direct:
-            read_box(files, chunk.item, chunk.src_box, chunk.dest, chunk.dst_box, progress)
+        if chunk.dest.device.type == "cuda":
+            _to_gpu(chunk, files, ring, progress)
         else:
-            _staged(chunk, files, ring, progress)
+            _to_cpu(chunk, files, progress)
 
     if workers == 1:
         for chunk in chunks:
@@ -369,6 +371,29 @@ def read_items(
                 raise
     if gpu is not None:
         torch.cuda.synchronize(gpu)  # every reader thread's stream
+
+
+def zero_copy_view(files: CheckpointFiles, param) -> torch.Tensor | None:
+    """The whole local tensor of ``param`` as a view of the mapped file, when it is exactly one contiguous
+    range of one file in the right dtype and order (no padding, no cast, no transpose); else None.
+
+    Such a tensor costs no copy and no memory of its own: its pages are the page cache's, shared by every
+    rank of the node that maps them, and the kernel is asked to start reading them in (``WILLNEED``)."""
+    if len(param.reads) != 1 or (param.shard is not None and param.shard.padding):
+        return None
+    item = param.reads[0]
+    if item.src_dtype != param.dtype or item.dst_box != tuple((0, n) for n in param.shape):
+        return None
+    if Fragment(item.tensor, item.src_box, item.dst_box, item.axes).is_permuted or runs(item.src_shape, item.src_box).count != 1:
+        return None
+    view = files.tensor(item)[box_slices(item.src_box)]
+    mapping, _ = files._maps[item.file]
+    start, end = item.byte_span
+    start -= start % mmap.PAGESIZE
+    if end > start:
+        mapping.madvise(mmap.MADV_WILLNEED, start, min(end, len(mapping)) - start)
+    files.count(item.nbytes)
+    return view.reshape(param.shape)
 
 
 def read_item(

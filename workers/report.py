@@ -23,9 +23,26 @@ class RankReport:
     node_ip: str = ""
     peak_device_bytes: int = 0  # peak CUDA memory allocated (0 on CPU)
     restarts: int = 0  # times the driver restarted this rank's actor during the load
+    disk_read_bytes: int = 0  # bytes the rank's process fetched from storage while reading (0: all from page cache)
+    read_seconds: float = 0.0  # of ``seconds``: reading the planned ranges
+    build_seconds: float = 0.0  # of ``seconds``: building the local model (and buffers)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def io_counters() -> dict[str, int]:
+    """This process's ``rchar`` (bytes returned by read calls) and ``read_bytes`` (fetched from storage)."""
+    out = {}
+    try:
+        with open("/proc/self/io", encoding="ascii") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("rchar", "read_bytes"):
+                    out[key] = int(value)
+    except OSError:
+        pass
+    return out
 
 
 def peak_rss_bytes() -> int:

@@ -86,6 +86,7 @@ def load(
     cpus_per_rank: float = 1,
     num_threads: int | None = None,
     max_restarts: int = 2,
+    zero_copy: bool = True,
     fetch: str | None = None,
     fetch_gap_bytes: int | None = None,
     worker_cls: type | None = None,
@@ -99,7 +100,8 @@ def load(
     cluster (default: the one ``ray.init()`` finds, else an embedded local one with ``nodes``
     simulated nodes). Hub checkpoints: ``fetch`` is ``"ranges"`` (default: each node downloads only
     the byte ranges its ranks read, joining ranges closer than ``fetch_gap_bytes``, 1 MiB by default)
-    or ``"files"`` (whole files). A rank whose actor dies (process killed, node lost) is restarted up to
+    or ``"files"`` (whole files). On CPU, ``zero_copy`` (default) makes shards that are one contiguous
+    range of a file private mappings of the page cache instead of copies. A rank whose actor dies (process killed, node lost) is restarted up to
     ``max_restarts`` times, on another node if its node is gone and the cluster has room. Use as a
     context manager, or call ``shutdown()``.
     """
@@ -126,6 +128,7 @@ def load(
             num_threads=num_threads,
             placement_timeout_s=placement_timeout_s,
             env=_rank_env(connection),
+            worker_options={"zero_copy": zero_copy},
         )
         if worker_cls is not None:
             start_kwargs["worker_cls"] = worker_cls

@@ -95,6 +95,7 @@ class RankGroup:
         num_threads: int | None = None,
         env: dict[str, str] | None = None,
         worker_cls: type = RankWorker,
+        worker_options: dict | None = None,
         placement_timeout_s: float = 60.0,
     ) -> "RankGroup":
         import ray
@@ -122,7 +123,7 @@ class RankGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=plan.ranks[rank].node
                 ),
-            ).remote(plan_ref, rank, num_threads=threads)
+            ).remote(plan_ref, rank, num_threads=threads, **(worker_options or {}))
 
         self._spawn = spawn
         self.actors = [spawn(r.rank) for r in plan.ranks]

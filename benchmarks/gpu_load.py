@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from orchestrator.bench import evict
+
 LLAMA_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
     num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
@@ -50,17 +52,6 @@ def write(path: str, *, layers: int | None = None) -> None:
         for p in model.parameters():
             p.normal_(0.0, 0.02, generator=gen)
     model.save_pretrained(path, max_shard_size="5GB")
-
-
-def drop_cache(path: str) -> None:
-    """Evict the checkpoint's pages (needs no privileges: clean pages go on POSIX_FADV_DONTNEED)."""
-    os.sync()
-    for f in shard_files(path):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _peak_rss() -> int:
@@ -151,7 +142,7 @@ def h2d_bandwidth(gib: int = 4) -> float:
 
 
 def cat_rate(path: str) -> float:
-    drop_cache(path)
+    evict(path)
     files = shard_files(path)
     t0 = time.perf_counter()
     subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
@@ -174,7 +165,7 @@ def run_all(path: str, threads: int, repeats: int, staging_mb: int, *, caches=("
         for method in methods:
             for i in range(repeats):
                 if cache == "cold":
-                    drop_cache(path)
+                    evict(path)
                 else:
                     subprocess.run(["cat", *shard_files(path)], stdout=subprocess.DEVNULL, check=True)
                 r = _child(method, path, threads, staging_mb)

@@ -37,7 +37,6 @@ import hashlib
 import logging
 import os
 import random
-import socket
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -51,6 +50,7 @@ from planning.hub_index import describe_hub_error, hub_endpoint, hub_offline, tr
 from planning.plan import LoadPlan
 from planning.safetensors_header import header_length, parse_header
 from workers.fetch_list import DEFAULT_MAX_GAP_BYTES, DEFAULT_WHOLE_ABOVE, MODES, FetchItem, node_fetch_items
+from workers.report import node_location
 
 try:  # huggingface_hub ≥ 2 speaks httpx2; 1.x spoke httpx
     import httpx2 as httpx
@@ -299,16 +299,7 @@ class NodeFetcher:
 
     # -- introspection -------------------------------------------------------------------------
     def where(self) -> dict:
-        node_id, ip = "", ""
-        try:
-            import ray
-
-            if ray.is_initialized():
-                node_id = ray.get_runtime_context().get_node_id()
-                ip = ray.util.get_node_ip_address()
-        except ImportError:
-            pass
-        return {"node_id": node_id, "node_ip": ip, "host": socket.gethostname(), "pid": os.getpid(), "cache_dir": self.root}
+        return {**node_location(), "cache_dir": self.root}
 
     def cancel(self) -> None:
         """Ask a running ``fetch`` to stop at the next file, attempt or range boundary (from another thread).

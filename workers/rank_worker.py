@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import threading
 import time
 
@@ -31,7 +30,7 @@ from planning.skeleton import parse_dtype
 from workers.distributed import free_port, init_world, leave_world
 from workers.local_model import build_local_model, rebuild_meta_model
 from workers.reader import CheckpointFiles, Progress, io_defaults, read_items, zero_copy_view
-from workers.report import RankReport, io_counters, peak_rss_bytes
+from workers.report import RankReport, io_counters, node_location, peak_rss_bytes
 from workers.stage_runner import StageRunner
 from workers.tp_runtime import apply_tensor_parallel
 
@@ -111,16 +110,7 @@ class RankWorker:
     # -- introspection -------------------------------------------------------------------------
     def where(self) -> dict:
         """Where this rank runs: Ray node id (if under Ray), IP, host, pid."""
-        node_id, ip = "", ""
-        try:
-            import ray
-
-            if ray.is_initialized():
-                node_id = ray.get_runtime_context().get_node_id()
-                ip = ray.util.get_node_ip_address()
-        except ImportError:
-            pass
-        return {"rank": self.rank, "node_id": node_id, "node_ip": ip, "host": socket.gethostname(), "pid": os.getpid()}
+        return {"rank": self.rank, **node_location()}
 
     def get_progress(self) -> tuple[int, int]:
         return self.progress.done, self.progress.total

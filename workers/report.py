@@ -5,6 +5,8 @@ Runs on every rank; the driver collects one ``RankReport`` per rank.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import asdict, dataclass
 
 
@@ -29,6 +31,20 @@ class RankReport:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def node_location() -> dict:
+    """Where this process runs: Ray node id and IP (empty outside Ray), host name, pid."""
+    node_id, ip = "", ""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node_id = ray.get_runtime_context().get_node_id()
+            ip = ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return {"node_id": node_id, "node_ip": ip, "host": socket.gethostname(), "pid": os.getpid()}
 
 
 def io_counters() -> dict[str, int]:

@@ -224,17 +224,15 @@ def _apply_ops(converter, collected: dict[str, list[Source]], renamed: str, skel
             (value,) = state.values()
             expr = value[0] if isinstance(value, list) else value
             size = shape_of(expr)[op.dim]
-            if isinstance(op, Chunk):
-                names = targets
+            if isinstance(op, Chunk):  # torch.chunk: equal parts of ceil(size / n), the last ones shorter
                 if op.num_shards_attribute is not None:
                     raise ConversionError(f"{renamed}: Chunk(num_shards_attribute=...) is not supported by meshload")
-                step = -(-size // len(names))
-                lengths = [max(0, min(step, size - i * step)) for i in range(len(names))]
-            else:
-                names = targets
-                lengths = [skeleton.by_name[_expand(renamed, targets[0], t)].shape[op.dim] for t in names]
+                step = -(-size // len(targets))
+                lengths = [max(0, min(step, size - i * step)) for i in range(len(targets))]
+            else:  # Split: each part sized like the model parameter it becomes
+                lengths = [skeleton.by_name[_expand(renamed, targets[0], t)].shape[op.dim] for t in targets]
             state, at = {}, 0
-            for name, length in zip(names, lengths):
+            for name, length in zip(targets, lengths):
                 state[name] = Narrow(expr, op.dim, at, length)
                 at += length
         elif isinstance(op, TfTranspose):

@@ -52,10 +52,18 @@ def rank_table(plan: LoadPlan) -> str:
     return table(["rank", "node", "stage", "tp", "layers", "params", "bytes", "reads", "files"], rows)
 
 
+def node_read_bytes(plan: LoadPlan, node: int) -> int:
+    """Bytes a node's ranks read, each distinct box once (ranks replicating a tensor read the same box),
+    plus the headers of the files they touch: what a node fetches in exact byte-range mode."""
+    boxes = {(i.tensor, i.src_box): i.nbytes for r in plan.nodes[node].ranks for p in plan.ranks[r].params for i in p.reads}
+    headers = {f.name: f.header_size for f in plan.files}
+    return sum(boxes.values()) + sum(headers[f.file] for f in plan.nodes[node].fetch)
+
+
 def totals_text(plan: LoadPlan) -> str:
     t = plan.totals
     per_rank = [r.param_bytes for r in plan.ranks]
-    fetch = [n.fetch_bytes for n in plan.nodes]
+    fetch = [node_read_bytes(plan, n.node) for n in plan.nodes]
     lines = [
         f"model          {plan.model.class_name} ({plan.model.model_type}) from {plan.model.source}",
         f"topology       tp={plan.tp} pp={plan.pp} nodes={plan.num_nodes} -> {plan.world_size} ranks, dtype={plan.dtype}, device={plan.device}",

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from planning.errors import ConfigError
+
+_BUILD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +162,10 @@ def build_meta_model(
     cls = model_class_for(config, model_class, source=source)
     check_config(config, source=source)
     try:
-        with torch.device("meta"):
+        # transformers sets torch's process-wide default dtype (and patches init functions) while it
+        # builds; two builds at once in one process (a rank's background skeleton, several ranks in a
+        # test) would restore each other's state wrongly, so builds take turns.
+        with _BUILD_LOCK, torch.device("meta"):
             model = cls._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     except (ValueError, TypeError, AttributeError, IndexError, ZeroDivisionError, RuntimeError) as exc:
         raise ConfigError(f"{source}: cannot build {cls.__name__} from this config: {exc}") from None

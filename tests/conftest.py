@@ -18,6 +18,17 @@ import torch
 
 torch.set_num_threads(1)
 
+@pytest.fixture(autouse=True)
+def _no_default_dtype_leak():
+    """transformers changes torch's process-wide default dtype while building models; a test that
+    leaves it changed would silently make later tests build in that dtype."""
+    yield
+    leaked = torch.get_default_dtype()
+    if leaked != torch.float32:
+        torch.set_default_dtype(torch.float32)
+        pytest.fail(f"the test left torch's default dtype at {leaked}")
+
+
 CLUSTER_NODES = 3
 CPUS_PER_NODE = 4
 

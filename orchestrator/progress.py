@@ -30,6 +30,7 @@ class NodeProgress:
         self.done: dict[int, int] = {}
         self.total: dict[int, int] = {}
         self.printed: dict[int, int] | None = None
+        self.finished_at: dict[int, float] = {}  # when a node's bytes were all done (for its rate)
         self.bars = None
         if enabled and getattr(self.stream, "isatty", lambda: False)():
             from tqdm import tqdm
@@ -49,6 +50,8 @@ class NodeProgress:
         for node, ranks in self.node_ranks.items():
             self.done[node] = sum(per_rank.get(r, (0, 0))[0] for r in ranks)
             self.total[node] = sum(per_rank.get(r, (0, 0))[1] for r in ranks)
+            if self.total[node] and self.done[node] >= self.total[node]:
+                self.finished_at.setdefault(node, time.monotonic())
         if self.bars is not None:
             for node, bar in self.bars.items():
                 bar.total = max(self.total[node], 1)
@@ -62,9 +65,9 @@ class NodeProgress:
             return  # nothing new (e.g. the final poll, then close); a stalled load still prints every 30 s
         self.printed = dict(self.done)
         self.last_line = time.monotonic()
-        elapsed = max(self.last_line - self.t0, 1e-9)
         for node, ranks in self.node_ranks.items():
             done, total = self.done.get(node, 0), self.total.get(node, 0)
+            elapsed = max(self.finished_at.get(node, self.last_line) - self.t0, 1e-9)
             pct = 100.0 * done / total if total else 100.0
             print(
                 f"meshload: node {node} [ranks {','.join(map(str, ranks))}] {self.verb} {human_bytes(done)} / "

@@ -25,10 +25,6 @@ class StageLayout:
     layer_ranges: tuple[tuple[int, int], ...]  # per stage, [start, stop) in the layer list
     stage_of: dict[str, int]
 
-    @property
-    def num_stages(self) -> int:
-        return len(self.layer_ranges)
-
 
 def layer_of(name: str, layers_path: str | None) -> int | None:
     if layers_path is None or not name.startswith(layers_path + "."):

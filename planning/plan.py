@@ -201,9 +201,6 @@ class LoadPlan:
     def world_size(self) -> int:
         return len(self.ranks)
 
-    def rank(self, rank: int) -> RankPlan:
-        return self.ranks[rank]
-
     def to_json(self, **kwargs) -> str:
         from planning.plan_json import plan_to_json
 

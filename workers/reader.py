@@ -119,15 +119,18 @@ class CheckpointFiles:
         flat = torch.frombuffer(mapping, dtype=getattr(torch, item.src_dtype), count=nbytes // TORCH_DTYPE_ITEMSIZE[item.src_dtype], offset=item.file_offset)
         return flat.view(item.src_shape)
 
+    def advise(self, item: ReadItem, box: Box, advice: int) -> None:
+        """``madvise`` the mapped pages holding ``box`` of ``item``'s tensor (after ``tensor(item)`` mapped it)."""
+        mapping, _ = self._maps[item.file]
+        start, end = byte_span(item.src_shape, box, itemsize=TORCH_DTYPE_ITEMSIZE[item.src_dtype], offset=item.file_offset)
+        start -= start % mmap.PAGESIZE
+        if end > start:
+            mapping.madvise(advice, start, min(end, len(mapping)) - start)
+
     def release(self, item: ReadItem, box: Box) -> None:
         """Unmap (from this process only) the pages a finished strided copy touched, so mapped file pages
         do not pile up in the rank's resident memory; they stay in the page cache."""
-        mapping, _ = self._maps[item.file]
-        start, end = byte_span(item.src_shape, box, itemsize=TORCH_DTYPE_ITEMSIZE[item.src_dtype], offset=item.file_offset)
-        page = mmap.PAGESIZE
-        start -= start % page
-        if end > start:
-            mapping.madvise(mmap.MADV_DONTNEED, start, min(end - start, len(mapping) - start))
+        self.advise(item, box, mmap.MADV_DONTNEED)
 
     def count(self, n: int) -> None:
         with self._lock:
@@ -387,11 +390,7 @@ def zero_copy_view(files: CheckpointFiles, param) -> torch.Tensor | None:
     if Fragment(item.tensor, item.src_box, item.dst_box, item.axes).is_permuted or runs(item.src_shape, item.src_box).count != 1:
         return None
     view = files.tensor(item)[box_slices(item.src_box)]
-    mapping, _ = files._maps[item.file]
-    start, end = item.byte_span
-    start -= start % mmap.PAGESIZE
-    if end > start:
-        mapping.madvise(mmap.MADV_WILLNEED, start, min(end, len(mapping)) - start)
+    files.advise(item, item.src_box, mmap.MADV_WILLNEED)
     files.count(item.nbytes)
     return view.reshape(param.shape)
 

@@ -2,18 +2,22 @@
 
 Writes (once) a seeded synthetic Llama checkpoint of the chosen size with ``save_pretrained`` —
 default ~1.1B parameters in bf16, TinyLlama's shape — then measures, one after the other on the
-same machine and the same warm page cache:
+same machine and the same warm page cache (``--repeats`` times each, the median run kept):
 
-- meshload at ``tp`` ranks over ``nodes`` simulated nodes (a Ray cluster started beforehand, not timed);
-- transformers' own TP load (``tp_plan="auto"`` under ``torchrun --nproc-per-node tp``);
-- transformers' single-process ``from_pretrained``;
-- a naive loader: every rank reads the whole checkpoint and slices its shard.
+- ``meshload``: ``orchestrator.load`` at ``tp`` ranks over ``nodes`` simulated nodes, called in a driver
+  already connected to the cluster (a Ray cluster started beforehand, not timed);
+- ``meshload-new-driver``: the same load from a new driver process (imports, ``ray.init``, plan,
+  load), as a script or a ``ray job submit`` entrypoint runs it;
+- ``transformers-tp``: transformers' own TP load (``tp_plan="auto"`` under ``torchrun --nproc-per-node tp``);
+- ``transformers``: transformers' single-process ``from_pretrained``;
+- ``naive``: every rank reads the whole checkpoint and slices its shard (under ``torchrun``).
 
-Per rank: seconds to ready (from process start, imports included, as a user waits for it), seconds of
-the load alone, bytes read (meshload: what it read; peers: what their read calls returned — mmap
-readers show only on a cold cache), bytes fetched from storage on a cold page cache (``--cold``),
-peak RSS, and GB/s. A table, a JSON file, and ratios of meshload against each peer. Tests run it at a
-tiny size; they check that it runs, not the timings.
+Per rank: seconds to ready from the launch (``orchestrator.load`` called, or the command started —
+``torchrun``'s own start included — as a user waits for it), the rank process's age at ready (its
+interpreter start and imports), seconds of the load alone, bytes read (meshload: what it read; peers:
+what their read calls returned — mmap readers show only on a cold cache), bytes fetched from storage on
+a cold page cache (``--cold``), peak RSS, and GB/s. A table, a JSON file, and ratios of meshload
+against each peer. Tests run it at a tiny size; they check that it runs, not the timings.
 
 Runs on the driver.
 """
@@ -44,8 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--out", default="bench-out", help="folder for the checkpoint and results")
-    p.add_argument("--peers", default="meshload,transformers-tp,transformers,naive",
+    p.add_argument("--peers", default="meshload,meshload-new-driver,transformers-tp,transformers,naive",
                    help="comma-separated subset of what to run")
+    p.add_argument("--repeats", type=int, default=3, help="warm runs of each method; the median one is kept")
     p.add_argument("--cold", action="store_true", help="also measure bytes fetched from storage on a cold page cache")
 
 
@@ -92,47 +97,60 @@ def evict(path: str) -> None:
             os.close(fd)
 
 
-def run_meshload(path: str, *, tp: int, nodes: int, dtype: str) -> dict:
+def run_meshload(path: str, *, tp: int, nodes: int, dtype: str, address: str) -> dict:
     import orchestrator
-    from workers.report import peak_rss_bytes
+    from orchestrator.bench_peers import meshload_ranks
 
-    t0 = time.perf_counter()
+    launched = time.time()
     with orchestrator.load(path, tp=tp, nodes=nodes, dtype=dtype, progress=False) as m:
-        ready = time.perf_counter() - t0
-        ranks = [
-            {"rank": r.rank, "ready_s": ready, "load_s": r.seconds, "peak_rss_bytes": r.peak_rss_bytes,
-             "held_bytes": r.param_bytes, "rchar": r.bytes_read, "read_bytes": r.disk_read_bytes,
-             "needed_bytes": r.param_bytes}
-            for r in m.report
-        ]
-    return {"wall_s": ready, "ranks": ranks, "driver_peak_rss_bytes": peak_rss_bytes()}
+        ranks = meshload_ranks(m, time.time())
+    return _timed(ranks, launched, wall_s=ranks[0]["ready_at"] - launched)
 
 
-def _peer(method: str, path: str, *, tp: int, dtype: str, timeout_s: float = 1200.0) -> dict:
-    module = [sys.executable, "-m", "orchestrator.bench_peers", method, "--path", path, "--dtype", dtype, "--tp", str(tp)]
+def _timed(ranks: list[dict], launched: float, *, wall_s: float) -> dict:
+    for r in ranks:
+        r["ready_s"] = r.pop("ready_at") - launched
+    return {"wall_s": wall_s, "ranks": sorted(ranks, key=lambda r: r["rank"])}
+
+
+def _peer(method: str, path: str, *, tp: int, nodes: int, dtype: str, address: str, timeout_s: float = 1200.0) -> dict:
+    module = [sys.executable, "-m", "orchestrator.bench_peers", method, "--path", path, "--dtype", dtype,
+              "--tp", str(tp), "--nodes", str(nodes)]
+    if method == "meshload":
+        module += ["--address", address]
     if method in ("tp", "naive"):
         torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
         cmd = [torchrun, "--standalone", f"--nproc-per-node={tp}", "-m", "orchestrator.bench_peers", *module[3:]]
     else:
         cmd = module
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    t0 = time.perf_counter()
+    launched = time.time()
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, start_new_session=True)
     except subprocess.TimeoutExpired as exc:
         raise RuntimeError(f"{method} did not finish within {timeout_s:g}s:\n{(exc.stderr or b'')[-3000:]!r}") from None
-    wall = time.perf_counter() - t0
+    wall = time.time() - launched
     ranks = [json.loads(line.split("BENCH ", 1)[1]) for line in out.stdout.splitlines() if "BENCH " in line]
     if out.returncode != 0 or not ranks:
         raise RuntimeError(f"{method} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-    return {"wall_s": wall, "ranks": sorted(ranks, key=lambda r: r["rank"])}
+    return _timed(ranks, launched, wall_s=wall)
 
 
-PEERS = {
-    "transformers-tp": lambda path, tp, dtype: _peer("tp", path, tp=tp, dtype=dtype),
-    "transformers": lambda path, tp, dtype: _peer("single", path, tp=tp, dtype=dtype),
-    "naive": lambda path, tp, dtype: _peer("naive", path, tp=tp, dtype=dtype),
+METHODS = {
+    "meshload": run_meshload,
+    "meshload-new-driver": lambda path, **kw: _peer("meshload", path, **kw),
+    "transformers-tp": lambda path, **kw: _peer("tp", path, **kw),
+    "transformers": lambda path, **kw: _peer("single", path, **kw),
+    "naive": lambda path, **kw: _peer("naive", path, **kw),
 }
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run whose slowest rank is the median of the runs' slowest ranks; every run's figure kept."""
+    ordered = sorted(runs, key=lambda r: max(x["ready_s"] for x in r["ranks"]))
+    kept = dict(ordered[(len(ordered) - 1) // 2])
+    kept["ready_s_runs"] = [round(max(x["ready_s"] for x in r["ranks"]), 3) for r in runs]
+    return kept
 
 
 def _gib(n: float) -> str:
@@ -148,28 +166,35 @@ def report_text(results: dict) -> str:
             gbs = rank["held_bytes"] / rank["load_s"] / 1e9 if rank["load_s"] else 0.0
             cold = results.get("cold", {}).get(name)
             cold_bytes = next((c["read_bytes"] for c in cold["ranks"] if c["rank"] == rank["rank"]), None) if cold else None
-            rows.append([name, str(rank["rank"]), f"{rank['ready_s']:.2f}", f"{rank['load_s']:.2f}",
+            rows.append([name, str(rank["rank"]), f"{rank['ready_s']:.2f}", f"{rank['process_s']:.2f}", f"{rank['load_s']:.2f}",
                          _gib(rank.get("rchar", 0)), "-" if cold_bytes is None else _gib(cold_bytes),
                          _gib(rank["held_bytes"]), _gib(rank["peak_rss_bytes"]), f"{gbs:.2f}"])
     lines = [
         f"checkpoint: {results['checkpoint']['parameters'] / 1e9:.2f}B parameters, {results['checkpoint']['dtype']}, "
         f"{_gib(results['checkpoint']['bytes'])} GiB in {results['checkpoint']['files']} files; tp={results['tp']}, "
-        f"nodes={results['nodes']}; machine: {results['machine']}",
-        table(["method", "rank", "ready s", "load s", "read GiB", "cold disk GiB", "holds GiB", "peak RSS GiB", "GB/s"], rows),
+        f"nodes={results['nodes']}; median of {results['repeats']} warm run(s); machine: {results['machine']}",
+        table(["method", "rank", "ready s", "process s", "load s", "read GiB", "cold disk GiB", "holds GiB",
+               "peak RSS GiB", "GB/s"], rows),
+        "ready s: from the launch (load() called / command started) to the rank ready; process s: the rank "
+        "process's age at ready",
     ]
-    ours = results["methods"].get("meshload")
+
+    def worst(name: str, key: str) -> float:
+        return max(x[key] for x in results["methods"][name]["ranks"])
+
+    ours = [n for n in ("meshload", "meshload-new-driver") if n in results["methods"]]
     if ours:
         lines.append("")
-        mine_rss = max(r["peak_rss_bytes"] for r in ours["ranks"])
-        mine_ready = max(r["ready_s"] for r in ours["ranks"])
-        mine_read = max(r["rchar"] / r["needed_bytes"] for r in ours["ranks"])
-        lines.append(f"meshload: per-rank bytes read / bytes needed = {mine_read:.3f} (max over ranks)")
-        for name, r in results["methods"].items():
-            if name == "meshload":
+        mine = results["methods"][ours[0]]["ranks"]
+        lines.append(f"meshload: per-rank bytes read / bytes needed = {max(r['rchar'] / r['needed_bytes'] for r in mine):.3f}"
+                     " (max over ranks)")
+        for name in results["methods"]:
+            if name in ours:
                 continue
-            rss = max(x["peak_rss_bytes"] for x in r["ranks"])
-            ready = max(x["ready_s"] for x in r["ranks"])
-            lines.append(f"meshload vs {name}: per-rank peak RSS {mine_rss / rss:.2f}x, time to ready {mine_ready / ready:.2f}x")
+            parts = [f"per-rank peak RSS {worst(ours[0], 'peak_rss_bytes') / worst(name, 'peak_rss_bytes'):.2f}x"]
+            parts += [f"time to ready ({n}) {worst(n, 'ready_s') / worst(name, 'ready_s'):.2f}x" for n in ours]
+            parts.append(f"rank process age {worst(ours[0], 'process_s') / worst(name, 'process_s'):.2f}x")
+            lines.append(f"meshload vs {name}: " + ", ".join(parts))
     return "\n".join(lines)
 
 
@@ -179,9 +204,11 @@ def run_bench(args) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     wanted = [p.strip() for p in args.peers.split(",") if p.strip()]
-    unknown = sorted(set(wanted) - {"meshload", *PEERS})
+    unknown = sorted(set(wanted) - set(METHODS))
     if unknown:
-        raise SystemExit(f"--peers: unknown {unknown}; choose from meshload,{','.join(PEERS)}")
+        raise SystemExit(f"--peers: unknown {unknown}; choose from {','.join(METHODS)}")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats {args.repeats}: need at least 1")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"llama-{args.size}-{args.dtype}")
     t0 = time.perf_counter()
@@ -192,23 +219,24 @@ def run_bench(args) -> int:
 
     full = make_plan(path, tp=1, dtype=args.dtype)
     results = {
-        "tp": args.tp, "nodes": args.nodes, "size": args.size,
+        "tp": args.tp, "nodes": args.nodes, "size": args.size, "repeats": args.repeats,
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, {_mem_gib()} GiB, Python {platform.python_version()}",
         "checkpoint": {"path": path, "dtype": args.dtype, "parameters": full.totals.num_parameters,
                        "bytes": full.totals.checkpoint_bytes, "files": len(full.files)},
         "methods": {}, "cold": {},
     }
-    passes = [("warm", results["methods"])] + ([("cold", results["cold"])] if args.cold else [])
-    cluster = _start_cluster(args) if "meshload" in wanted else None
+    passes = [("warm", results["methods"], args.repeats)] + ([("cold", results["cold"], 1)] if args.cold else [])
+    cluster = _start_cluster(args) if any(n.startswith("meshload") for n in wanted) else None
+    options = dict(tp=args.tp, nodes=args.nodes, dtype=args.dtype, address=cluster.address if cluster else None)
     try:
-        for cache, into in passes:
+        for cache, into, repeats in passes:
             for name in wanted:
-                (evict if cache == "cold" else warm)(path)
-                print(f"{cache}: {name} ...", file=sys.stderr, flush=True)
-                if name == "meshload":
-                    into[name] = run_meshload(path, tp=args.tp, nodes=args.nodes, dtype=args.dtype)
-                else:
-                    into[name] = PEERS[name](path, args.tp, args.dtype)
+                runs = []
+                for i in range(repeats):
+                    (evict if cache == "cold" else warm)(path)
+                    print(f"{cache}: {name} ({i + 1}/{repeats}) ...", file=sys.stderr, flush=True)
+                    runs.append(METHODS[name](path, **options))
+                into[name] = _median_run(runs)
     finally:
         if cluster is not None:
             import ray

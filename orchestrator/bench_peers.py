@@ -4,11 +4,13 @@
   per rank under ``torchrun --nproc-per-node N`` (gloo on CPU);
 - ``single``: transformers' single-process ``from_pretrained``;
 - ``naive``: every rank (under ``torchrun``) reads the whole checkpoint (``safetensors.load_file``) and
-  keeps its slice — what a loader without a plan does.
+  keeps its slice — what a loader without a plan does;
+- ``meshload``: a new driver process (``import orchestrator``, ``ray.init`` to the running cluster,
+  ``orchestrator.load``), as a user's script or ``ray job submit`` entrypoint starts.
 
-Each process prints one JSON line: rank, seconds since the process started and for the load alone,
-peak RSS, the bytes it holds, and its I/O counters (``/proc/self/io``). Runs in the bench's child
-processes; no Ray.
+Each rank prints one JSON line: rank, the wall-clock time it was ready (the bench subtracts its launch
+time), seconds since its process started and for the load alone, peak RSS, the bytes it holds, and its
+I/O counters (``/proc/self/io``). Runs in the bench's child processes (Ray only for ``meshload``).
 """
 
 from __future__ import annotations
@@ -16,18 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
-from workers.report import io_counters
-
-
-def process_age_s() -> float:
-    """Seconds since this process started (from /proc, so the interpreter's start-up counts)."""
-    with open("/proc/self/stat") as f:
-        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-    with open("/proc/uptime") as f:
-        uptime = float(f.read().split()[0])
-    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+from workers.report import io_counters, process_age_s
 
 
 def _result(rank: int, load_s: float, held_bytes: int, io_before: dict[str, int]) -> dict:
@@ -35,8 +29,29 @@ def _result(rank: int, load_s: float, held_bytes: int, io_before: dict[str, int]
     from workers.report import peak_rss_bytes
 
     after = io_counters()
-    return {"rank": rank, "ready_s": process_age_s(), "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(),
-            "held_bytes": held_bytes, **{k: after[k] - io_before.get(k, 0) for k in after}}
+    return {"rank": rank, "ready_at": time.time(), "process_s": process_age_s(), "load_s": load_s,
+            "peak_rss_bytes": peak_rss_bytes(), "held_bytes": held_bytes,
+            **{k: after[k] - io_before.get(k, 0) for k in after}}
+
+
+def meshload_ranks(m, ready_at: float) -> list[dict]:
+    """The bench's per-rank figures from a ``LoadedModel``'s report."""
+    return [
+        {"rank": r.rank, "ready_at": ready_at, "process_s": r.process_seconds, "load_s": r.seconds,
+         "peak_rss_bytes": r.peak_rss_bytes, "held_bytes": r.param_bytes, "rchar": r.bytes_read,
+         "read_bytes": r.disk_read_bytes, "needed_bytes": r.param_bytes}
+        for r in m.report
+    ]
+
+
+def run_meshload(path: str, dtype: str, tp: int, nodes: int, address: str) -> list[dict]:
+    import ray
+
+    import orchestrator
+
+    ray.init(address=address, log_to_driver=False)
+    with orchestrator.load(path, tp=tp, nodes=nodes, dtype=dtype, progress=False) as m:
+        return meshload_ranks(m, time.time())
 
 
 def run_tp(path: str, dtype: str) -> dict:
@@ -91,20 +106,33 @@ def run_naive(path: str, dtype: str, tp: int) -> dict:
     return _result(rank, load_s, sum(t.numel() * t.element_size() for t in held.values()), io_before)
 
 
+def emit(result: dict) -> None:
+    """One ``BENCH`` line in a single write: ranks of one ``torchrun`` share the pipe, and a write of
+    at most PIPE_BUF bytes is not interleaved with another's."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), ("BENCH " + json.dumps(result) + "\n").encode())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("method", choices=["tp", "single", "naive"])
+    parser.add_argument("method", choices=["tp", "single", "naive", "meshload"])
     parser.add_argument("--path", required=True)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--address", default=None, help="meshload: the running Ray cluster")
     args = parser.parse_args()
+    if args.method == "meshload":
+        for rank in run_meshload(args.path, args.dtype, args.tp, args.nodes, args.address):
+            emit(rank)
+        return
     if args.method == "tp":
         result = run_tp(args.path, args.dtype)
     elif args.method == "single":
         result = run_single(args.path, args.dtype)
     else:
         result = run_naive(args.path, args.dtype, args.tp)
-    print("BENCH " + json.dumps(result), flush=True)
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -74,17 +74,21 @@ def group_errors(errors: dict[int, BaseException], where: dict[int, str]) -> Bas
 
 
 class RankGroup:
-    """The actors of one load, one per rank, placed per the plan's node blocks."""
+    """The actors of one load, one per rank; rank ``r`` runs on node ``node_of_rank[r]`` (the plan's blocks).
 
-    def __init__(self, plan: LoadPlan, *, timeout_s: float) -> None:
-        self.plan = plan
+    The actors can start before the plan exists (``start()`` without one, then ``attach(plan)``), so
+    their process start and imports overlap the driver's planning."""
+
+    def __init__(self, node_of_rank: Sequence[int], *, timeout_s: float) -> None:
+        self.node_of_rank = list(node_of_rank)
         self.timeout_s = timeout_s
         self.actors: list = []
         self.pg = None
         self.where: dict[int, str] = {}
         self.node_ids: dict[int, str] = {}
-        self.restarts: dict[int, int] = {r.rank: 0 for r in plan.ranks}
+        self.restarts: dict[int, int] = dict.fromkeys(range(len(self.node_of_rank)), 0)
         self._spawn: Callable[[int], object] | None = None
+        self._plan_ref = None  # the plan in the object store, once attached: restarted ranks get it at once
         self._placement_timeout_s = 60.0
 
     def start(
@@ -97,21 +101,23 @@ class RankGroup:
         worker_cls: type = RankWorker,
         worker_options: dict | None = None,
         placement_timeout_s: float = 60.0,
+        poll: Callable[[], None] | None = None,
     ) -> "RankGroup":
+        """Reserve the nodes and start one actor per rank, without a plan (``attach`` gives it); returns
+        once every actor answers. ``poll()`` is called while waiting (it may raise, e.g. when planning
+        failed meanwhile)."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        plan = self.plan
         self._placement_timeout_s = placement_timeout_s
-        node_of_rank = [r.node for r in plan.ranks]
-        bundles = bundles_for(node_of_rank, plan.num_nodes, cpus_per_rank=cpus_per_rank, gpus_per_rank=gpus_per_rank)
-        self.pg = create_placement_group(bundles, timeout_s=placement_timeout_s, name="")
+        num_nodes = max(self.node_of_rank) + 1
+        bundles = bundles_for(self.node_of_rank, num_nodes, cpus_per_rank=cpus_per_rank, gpus_per_rank=gpus_per_rank)
+        self.pg = create_placement_group(bundles, timeout_s=placement_timeout_s, name="", poll=poll)
         threads = num_threads or max(1, int(cpus_per_rank))
         # Only what a rank cannot set for itself goes through a runtime_env (its own worker pool, so no
         # reuse of idle workers); the thread count is set by the rank (torch.set_num_threads).
         runtime_env = {"env_vars": env} if env else None
         remote_cls = ray.remote(worker_cls)
-        plan_ref = ray.put(plan)
 
         def spawn(rank: int):
             return remote_cls.options(
@@ -121,15 +127,27 @@ class RankGroup:
                 max_restarts=0,
                 runtime_env=runtime_env,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=plan.ranks[rank].node
+                    placement_group=self.pg, placement_group_bundle_index=self.node_of_rank[rank]
                 ),
-            ).remote(plan_ref, rank, num_threads=threads, **(worker_options or {}))
+            ).remote(self._plan_ref, rank, num_threads=threads, **(worker_options or {}))
 
         self._spawn = spawn
-        self.actors = [spawn(r.rank) for r in plan.ranks]
-        for rank, info in enumerate(self.call("where", timeout_s=placement_timeout_s + 120)):
+        self.actors = [spawn(r) for r in range(len(self.node_of_rank))]
+        for rank, info in enumerate(self.call("where", timeout_s=placement_timeout_s + 120, poll=poll)):
             self._record(rank, info)
         return self
+
+    def attach(self, plan: LoadPlan) -> None:
+        """Hand the plan to ranks started without one (each checks its node can run it)."""
+        import ray
+
+        if len(plan.ranks) != len(self.node_of_rank) or any(r.node != n for r, n in zip(plan.ranks, self.node_of_rank)):
+            raise ValueError(
+                f"the plan puts ranks on nodes {[r.node for r in plan.ranks]}, but the ranks were started on "
+                f"nodes {self.node_of_rank}"
+            )
+        self._plan_ref = ray.put(plan)
+        self.call("attach", self._plan_ref)
 
     def _record(self, rank: int, info: dict) -> None:
         self.where[rank] = f"{info['node_ip'] or info['host']}"

@@ -93,6 +93,21 @@ def check_topology(tp: int, pp: int, nodes: int) -> None:
     node_blocks(tp * pp, nodes)
 
 
+def check_options(*, device: str, attn_implementation: str) -> None:
+    if device not in DEVICES:
+        raise PlanError(f"device={device!r}: expected one of {DEVICES}")
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise PlanError(f"attn_implementation={attn_implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+    if attn_implementation == "flash_attention_2":
+        if device != "cuda":
+            raise PlanError("attn_implementation='flash_attention_2' needs device='cuda' (flash-attn has no CPU kernels)")
+        if not flash_attention_available():
+            raise PlanError(
+                "attn_implementation='flash_attention_2' but flash-attn is not installed here "
+                "(pip install 'meshload[flash]'); no weight was fetched"
+            )
+
+
 def make_plan(
     model: str | os.PathLike,
     *,
@@ -115,18 +130,7 @@ def make_plan(
 ) -> LoadPlan:
     """Plan a load (see module docstring). ``resolved`` reuses an already indexed checkpoint."""
     check_topology(tp, pp, nodes)
-    if device not in DEVICES:
-        raise PlanError(f"device={device!r}: expected one of {DEVICES}")
-    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise PlanError(f"attn_implementation={attn_implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
-    if attn_implementation == "flash_attention_2":
-        if device != "cuda":
-            raise PlanError("attn_implementation='flash_attention_2' needs device='cuda' (flash-attn has no CPU kernels)")
-        if not flash_attention_available():
-            raise PlanError(
-                "attn_implementation='flash_attention_2' but flash-attn is not installed here "
-                "(pip install 'meshload[flash]'); no weight was fetched"
-            )
+    check_options(device=device, attn_implementation=attn_implementation)
     resolved = resolved or resolve_model(model, revision=revision, cache_dir=cache_dir, token=token, allow_pickle=allow_pickle)
     source = f"{resolved.ref_source}/config.json"
     config = config_from_dict(resolved.config_dict, source=source)

@@ -64,9 +64,9 @@ def test_missing_flash_attn_fails_at_plan_time(ckpt):
 
 def test_worker_check_names_the_node(ckpt, fake_flash, monkeypatch):
     plan = dataclasses.replace(orchestrator.plan(ckpt, tp=2), attn_implementation="flash_attention_2")
-    worker = RankWorker(plan, 1)
+    worker = RankWorker(None, 1)
     with pytest.raises(orchestrator.PlanError, match=r"flash-attn is not installed on node \S+$"):
-        worker.check_kernels()
+        worker.attach(plan)
     monkeypatch.syspath_prepend(str(fake_flash[0]))
     with pytest.raises(orchestrator.PlanError, match=r"flash_attention_2 needs CUDA; none on node \S+$"):
         worker.check_kernels()

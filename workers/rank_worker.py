@@ -2,7 +2,9 @@
 
 Lifecycle, each step a method the driver calls (with a timeout):
 
-1. ``RankWorker(plan, rank)`` — cheap; sets thread count and device.
+1. ``RankWorker(plan, rank)`` — cheap; sets thread count and device, and starts importing
+   transformers' model code in the background. With ``plan=None`` the rank starts while the driver
+   is still planning; ``attach(plan)`` then hands it the plan.
 2. ``load(paths)`` — reads the rank's planned byte ranges into freshly allocated local tensors
    (``workers.reader``); ``progress()`` can be polled meanwhile from another thread.
 3. ``tied_for(rank)`` / ``receive_tied(...)`` — a tied tensor read by one pipeline stage is handed to
@@ -30,7 +32,7 @@ from planning.skeleton import parse_dtype
 from workers.distributed import free_port, init_world, leave_world
 from workers.local_model import build_local_model, rebuild_meta_model
 from workers.reader import CheckpointFiles, Progress, io_defaults, read_items, zero_copy_view
-from workers.report import RankReport, io_counters, node_location, peak_rss_bytes
+from workers.report import RankReport, io_counters, node_location, peak_rss_bytes, process_age_s
 from workers.stage_runner import StageRunner
 from workers.tp_runtime import apply_tensor_parallel
 
@@ -62,11 +64,13 @@ def allocate_params(params: list[ParamPlan], device: torch.device) -> dict[str, 
 
 
 class RankWorker:
-    """See module docstring. ``plan`` may be a ``LoadPlan`` or its JSON."""
+    """See module docstring. ``plan`` may be a ``LoadPlan``, its JSON, or ``None``: then the rank starts
+    before planning has finished (its imports overlap the driver's planning) and ``attach(plan)``
+    gives it the plan later."""
 
     def __init__(
         self,
-        plan: LoadPlan | str,
+        plan: LoadPlan | str | None,
         rank: int,
         *,
         num_threads: int | None = None,
@@ -74,18 +78,14 @@ class RankWorker:
         staging_bytes: int | None = None,
         zero_copy: bool = True,
     ) -> None:
-        self.plan = LoadPlan.from_json(plan) if isinstance(plan, str) else plan
         self.rank = rank
-        self.rank_plan = self.plan.ranks[rank]
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.plan.device == "cuda" else torch.device("cpu")
-        default_threads, default_staging = io_defaults(self.device)
         self.zero_copy = zero_copy
+        self._io_options = (io_threads, staging_bytes)
         self._mapped: set[str] = set()  # tensors that are views of a mapped file (CPU, zero-copy)
-        self.io_threads = io_threads or default_threads
-        self.staging_bytes = staging_bytes or default_staging
-        self.progress = Progress(total=self.rank_plan.read_bytes)
+        self.plan: LoadPlan | None = None
+        self.progress = Progress(total=0)
         self.tensors: dict[str, torch.Tensor] = {}
         self.model: torch.nn.Module | None = None
         self._t0: float | None = None
@@ -95,14 +95,40 @@ class RankWorker:
         self._read_s = 0.0
         self.runner: StageRunner | None = None
         self.cache = None
-        # Importing transformers' model code and building the meta skeleton takes seconds in a fresh
-        # process: start it now, in the background, so it overlaps placement, fetch and the reads.
+        # Importing transformers' model code takes seconds in a fresh process: start it now, in the
+        # background, so it overlaps planning, placement, fetch and the reads.
         self._skeleton: dict = {}
+        self._attached = threading.Event()
         self._skeleton_thread = threading.Thread(target=self._prebuild, name="meshload-skeleton", daemon=True)
         self._skeleton_thread.start()
+        if plan is not None:
+            self._set_plan(plan)
+
+    def attach(self, plan: LoadPlan | str) -> None:
+        """Give the rank its plan (once), then check that this node can run it (``check_kernels``)."""
+        self._set_plan(plan)
+        self.check_kernels()
+
+    def _set_plan(self, plan: LoadPlan | str) -> None:
+        """Device and I/O settings from the plan; the skeleton is then built in the background."""
+        if self.plan is not None:
+            raise RuntimeError(f"rank {self.rank}: a plan is already attached")
+        plan = LoadPlan.from_json(plan) if isinstance(plan, str) else plan
+        self.rank_plan = plan.ranks[self.rank]
+        self.device = torch.device("cuda", torch.cuda.current_device()) if plan.device == "cuda" else torch.device("cpu")
+        default_threads, default_staging = io_defaults(self.device)
+        io_threads, staging_bytes = self._io_options
+        self.io_threads = io_threads or default_threads
+        self.staging_bytes = staging_bytes or default_staging
+        self.progress = Progress(total=self.rank_plan.read_bytes)
+        self.plan = plan
+        self._attached.set()
 
     def _prebuild(self) -> None:
         try:
+            import transformers.modeling_utils  # noqa: F401 - the bulk of the import time, needed by any model
+
+            self._attached.wait()  # attach() comes with the constructor or from a later call
             self._skeleton["model"] = rebuild_meta_model(self.plan)
         except BaseException as exc:  # noqa: BLE001 - re-raised by finalize, on the caller's thread
             self._skeleton["error"] = exc
@@ -118,6 +144,8 @@ class RankWorker:
     # -- loading ---------------------------------------------------------------------------------
     def load(self, paths: dict[str, str], bytes_fetched: int = 0) -> int:
         """Read every planned range of this rank from ``paths`` (plan file name → local path); returns bytes read."""
+        if self.plan is None:
+            raise RuntimeError(f"rank {self.rank}: no plan attached; call attach(plan) first")
         self._t0 = time.perf_counter()
         self._bytes_fetched = bytes_fetched
         disk_before = io_counters().get("read_bytes", 0)
@@ -197,6 +225,7 @@ class RankWorker:
             disk_read_bytes=self._disk_read,
             read_seconds=self._read_s,
             build_seconds=time.perf_counter() - t_build,
+            process_seconds=process_age_s(),
         )
 
     def local_state(self) -> dict[str, torch.Tensor]:

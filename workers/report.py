@@ -28,6 +28,7 @@ class RankReport:
     disk_read_bytes: int = 0  # bytes the rank's process fetched from storage while reading (0: all from page cache)
     read_seconds: float = 0.0  # of ``seconds``: reading the planned ranges
     build_seconds: float = 0.0  # of ``seconds``: building the local model (and buffers)
+    process_seconds: float = 0.0  # the rank process's age at ready: its start and imports included
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -45,6 +46,18 @@ def node_location() -> dict:
     except ImportError:
         pass
     return {"node_id": node_id, "node_ip": ip, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (from /proc, so the interpreter's start-up counts); 0 elsewhere."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+    except OSError:
+        return 0.0
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def io_counters() -> dict[str, int]:

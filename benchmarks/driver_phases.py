@@ -1,0 +1,58 @@
+"""Where a new driver's time goes: its imports, ``ray.init``, and each step of ``orchestrator.load``.
+
+Run it as its own process (that is the point: a new driver, as a script or ``ray job submit`` runs),
+against a running cluster, a few times::
+
+    python -m benchmarks.driver_phases CHECKPOINT --address HOST:PORT --tp 2 --nodes 2 --repeats 3
+
+Each run prints seconds since the process started at each step and ``LoadedModel.timings``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+
+def one_run(args) -> None:
+    from workers.report import process_age_s
+
+    marks = {}
+    import orchestrator
+
+    marks["import orchestrator"] = process_age_s()
+    import ray
+
+    ray.init(address=args.address, log_to_driver=False)
+    marks["ray.init"] = process_age_s()
+    with orchestrator.load(args.checkpoint, tp=args.tp, pp=args.pp, nodes=args.nodes, dtype=args.dtype, progress=False) as m:
+        marks["ready"] = process_age_s()
+        steps = ", ".join(f"{k} {v:.2f}" for k, v in m.timings.items())
+    print(" | ".join(f"{k} at {v:.2f} s" for k, v in marks.items()) + f" || load(): {steps}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--address", required=True, help="the running Ray cluster (host:port)")
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a single run, in this process
+    args = p.parse_args(argv)
+    if args.one:
+        one_run(args)
+        return 0
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "benchmarks.driver_phases", *(argv or sys.argv[1:]), "--one"], check=True)
+        print(f"  (process wall {time.perf_counter() - t0:.2f} s, shutdown and exit included)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

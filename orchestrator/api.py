@@ -147,18 +147,21 @@ def load(
         group.attach(load_plan)  # e.g. flash-attn checked on every node, before a single weight byte is fetched
         phases.mark("attach plan")
         fetch_options = dict(mode=fetch, max_gap_bytes=fetch_gap_bytes, **plan_options)
-        paths, fetched, fetch_report = _node_files(load_plan, group, fetch_options, progress=progress)
+        fetched = _node_files(load_plan, group, fetch_options, progress=progress)
         phases.mark("fetch")
 
-        def refetch():
-            new_paths, new_fetched, _ = _node_files(load_plan, group, fetch_options, progress=progress)
-            return new_paths, new_fetched
+        def refetch():  # ranks re-placed on other machines read from those machines' caches, filled first
+            nonlocal fetched
+            from orchestrator.fetch_stage import merge_refetch
 
-        reports = materialize(load_plan, group, list(paths), list(fetched), progress=progress,
+            fetched = merge_refetch(fetched, _node_files(load_plan, group, fetch_options, progress=progress), node_of_rank)
+            return fetched.paths, fetched.bytes_fetched
+
+        reports = materialize(load_plan, group, list(fetched.paths), list(fetched.bytes_fetched), progress=progress,
                               max_restarts=max_restarts, refetch=refetch if load_plan.model.kind == "hub" else None)
         reports = [dataclasses.replace(r, restarts=group.restarts[r.rank]) for r in reports]
         phases.mark("materialize")
-        return LoadedModel(load_plan, reports, group, connection, fetch_report=fetch_report, timeout_s=timeout_s,
+        return LoadedModel(load_plan, reports, group, connection, fetch_report=fetched.nodes, timeout_s=timeout_s,
                            timings=phases.seconds)
     except BaseException as exc:
         try:
@@ -247,14 +250,14 @@ def _rank_env(connection) -> dict[str, str]:
 
 
 def _node_files(load_plan: LoadPlan, group: RankGroup, plan_options: dict, *, progress: bool):
-    """Per rank: plan file name → local path; per rank: bytes fetched for it; per node: a fetch report."""
+    """Per rank: plan file name → local path and bytes fetched for it; per node: a fetch report."""
+    from orchestrator.fetch_stage import FetchResult, fetch_for_ranks
+
     if load_plan.model.kind == "local":
         root = load_plan.model.root
         paths = {f.name: os.path.join(root, f.name) for f in load_plan.files}
-        return [paths] * load_plan.world_size, [0] * load_plan.world_size, []
-    from orchestrator.fetch_stage import fetch_for_ranks
-
-    result = fetch_for_ranks(
+        return FetchResult(paths=[paths] * load_plan.world_size, bytes_fetched=[0] * load_plan.world_size, nodes=[])
+    return fetch_for_ranks(
         load_plan,
         group,
         cache_dir=plan_options.get("cache_dir"),
@@ -263,4 +266,3 @@ def _node_files(load_plan: LoadPlan, group: RankGroup, plan_options: dict, *, pr
         max_gap_bytes=plan_options.get("max_gap_bytes"),
         progress=progress,
     )
-    return result.paths, result.bytes_fetched, result.nodes

@@ -20,7 +20,7 @@ Runs on the driver; called by ``orchestrator.api.load`` for ``plan.model.kind ==
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from orchestrator.progress import NodeProgress
 from orchestrator.rank_group import RankGroup, RankTimeout, group_errors
@@ -58,6 +58,22 @@ class FetchResult:
     paths: list[dict[str, str]]  # per rank: plan file name → local path on that rank's node
     bytes_fetched: list[int]  # per rank: its share of its node's download
     nodes: list[NodeFetchReport]
+
+
+def merge_refetch(before: FetchResult, after: FetchResult, node_of_rank: list[int]) -> FetchResult:
+    """The fetch run again after ranks were re-placed: a node still on the same machine adds up both of
+    its downloads (and so do its ranks' shares); a node now on another machine has only the new one
+    (what the lost machine had downloaded went with it)."""
+    old = {n.node: n for n in before.nodes}
+    nodes, same = [], set()
+    for n in after.nodes:
+        o = old.get(n.node)
+        if o is not None and o.node_ip == n.node_ip:
+            n = replace(n, bytes_fetched=o.bytes_fetched + n.bytes_fetched, seconds=o.seconds + n.seconds)
+            same.add(n.node)
+        nodes.append(n)
+    fetched = [a + (b if node_of_rank[r] in same else 0) for r, (b, a) in enumerate(zip(before.bytes_fetched, after.bytes_fetched))]
+    return FetchResult(paths=after.paths, bytes_fetched=fetched, nodes=nodes)
 
 
 def _shares(total: int, weights: list[int]) -> list[int]:

@@ -131,3 +131,32 @@ def wait_until_clean(timeout_s: float = 20.0) -> tuple[list[str], list[str]]:
         if (not actors and not groups) or time.monotonic() > deadline:
             return actors, groups
         time.sleep(0.2)
+
+
+def remove_a_rank_node_while_loading(cluster, marker_dir: str) -> dict:
+    """In the background: once both ranks are loading (``fault_workers.slow_load`` markers in
+    ``marker_dir``), remove a worker node that hosts one of them."""
+    import threading
+    import time
+
+    import ray._private.state as state
+
+    out: dict = {}
+
+    def run() -> None:
+        deadline = time.monotonic() + 120
+        while len([f for f in os.listdir(marker_dir) if f.startswith("loading-")]) < 2:
+            if time.monotonic() > deadline:
+                out["error"] = "ranks never started loading"
+                return
+            time.sleep(0.1)
+        ips = {a["Address"]["IPAddress"] for a in state.actors().values()
+               if a["State"] == "ALIVE" and a["ActorClassName"].endswith("SlowLoad")}
+        victim = next(n for n in cluster.worker_nodes if n.node_ip_address in ips)
+        out["removed_ip"] = victim.node_ip_address
+        cluster.remove_node(victim, allow_graceful=False)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    out["thread"] = thread
+    return out

@@ -22,8 +22,8 @@ import orchestrator
 from planning.checkpoint import build_local_index
 from planning.errors import CheckpointError
 from planning.hub_cache import range_paths, read_manifest, repo_folder
-from tests import checkpoints
-from tests.conftest import _start_cluster, wait_until_clean
+from tests import checkpoints, fault_workers
+from tests.conftest import _start_cluster, remove_a_rank_node_while_loading, wait_until_clean
 from tests.hub_server import Fault, HubServer
 from workers.assemble import assemble_state_dict
 from workers.fetch_list import node_fetch_items
@@ -533,4 +533,41 @@ def test_a_file_the_hub_keeps_failing_is_a_clear_error_and_nothing_is_left(hub, 
     for cache in cache_of.values():
         assert_cache_sound(cache, hub, SHARDED)
         assert not os.path.lexists(os.path.join(repo_folder(cache, SHARDED), "snapshots", plan.model.revision, victim))
+    assert wait_until_clean() == ([], [])
+
+
+@pytest.mark.destructive
+def test_rank_replaced_on_another_node_reads_from_that_nodes_cache(hub, repos, fresh_cluster, tmp_path, monkeypatch):
+    """A node lost mid-load: its rank restarts on the spare node, whose cache is empty; the fetch runs
+    again there (only the spare node downloads anything) and the load completes bit-exact."""
+    path, oracle = repos[MEDIUM]
+    monkeypatch.setenv("MESHLOAD_FETCH", "ranges")
+    monkeypatch.setenv("MESHLOAD_FETCH_MAX_GAP", "0")
+    caches = [str(tmp_path / f"cache{k}") for k in range(4)]
+    for c in caches:
+        os.makedirs(c)
+    first_ip = FIRST_IP + 10
+    cluster = fresh_cluster(4, cpus=1, head_cpus=0, first_ip=first_ip,
+                            env_vars=[{"MESHLOAD_CACHE_DIR": c} for c in caches])  # 3 rank nodes, one spare
+    cache_of = {f"127.0.0.{first_ip + k}": c for k, c in enumerate(caches)}
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    breaker = remove_a_rank_node_while_loading(cluster, str(markers))
+    worker = fault_workers.slow_load(4, marker_dir=str(markers))
+    with orchestrator.load(MEDIUM, tp=2, nodes=2, worker_cls=worker, placement_timeout_s=60, progress=False,
+                           timeout_s=300) as m:
+        breaker["thread"].join(timeout=5)
+        assert "error" not in breaker, breaker
+        assert sum(r.restarts for r in m.report) == 1
+        used = {r.node_ip for r in m.report}
+        assert breaker["removed_ip"] not in used and len(used) == 2
+        _check_node_caches(m, cache_of)
+        moved = next(r for r in m.report if r.restarts)
+        # the spare node had nothing: its fetch downloaded what the moved rank reads; the other node's
+        # ranks read from its cache, filled once (the fetch ran there again and found everything)
+        for n in m.fetch_report:
+            reads = sum(m.plan.ranks[r].read_bytes for r in n.ranks)
+            assert reads < n.bytes_fetched <= 1.1 * reads, (n, reads)
+        checkpoints.assert_state_equal(m.full_state_dict(), oracle)
+    assert_cache_sound(cache_of[moved.node_ip], hub, MEDIUM)
     assert wait_until_clean() == ([], [])

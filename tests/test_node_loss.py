@@ -3,8 +3,6 @@ when the cluster still has room and the load completes bit-exact; otherwise a cl
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 
 import pytest
@@ -12,7 +10,7 @@ import pytest
 import orchestrator
 from orchestrator.placement import PlacementError
 from tests import checkpoints, fault_workers
-from tests.conftest import wait_until_clean
+from tests.conftest import remove_a_rank_node_while_loading, wait_until_clean
 
 pytestmark = pytest.mark.destructive
 
@@ -23,35 +21,10 @@ def ckpt(tmp_path_factory):
     return path, checkpoints.state_of(path)
 
 
-def _remove_a_rank_node_while_loading(cluster, marker_dir: str) -> dict:
-    """In the background: once every rank is loading, remove a worker node that hosts a rank."""
-    import ray._private.state as state
-
-    out: dict = {}
-
-    def run() -> None:
-        deadline = time.monotonic() + 120
-        while len([f for f in os.listdir(marker_dir) if f.startswith("loading-")]) < 2:
-            if time.monotonic() > deadline:
-                out["error"] = "ranks never started loading"
-                return
-            time.sleep(0.1)
-        ips = {a["Address"]["IPAddress"] for a in state.actors().values()
-               if a["State"] == "ALIVE" and a["ActorClassName"].endswith("SlowLoad")}
-        victim = next(n for n in cluster.worker_nodes if n.node_ip_address in ips)
-        out["removed_ip"] = victim.node_ip_address
-        cluster.remove_node(victim, allow_graceful=False)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    out["thread"] = thread
-    return out
-
-
 def test_lost_node_is_replaced_when_the_cluster_has_room(fresh_cluster, ckpt, tmp_path):
     path, state = ckpt
     cluster = fresh_cluster(4, cpus=1, head_cpus=0)  # ranks only on the 3 worker nodes; one is spare
-    breaker = _remove_a_rank_node_while_loading(cluster, str(tmp_path))
+    breaker = remove_a_rank_node_while_loading(cluster, str(tmp_path))
     worker = fault_workers.slow_load(4, marker_dir=str(tmp_path))
     with orchestrator.load(path, tp=2, nodes=2, worker_cls=worker, placement_timeout_s=60, progress=False) as m:
         breaker["thread"].join(timeout=5)
@@ -66,7 +39,7 @@ def test_lost_node_is_replaced_when_the_cluster_has_room(fresh_cluster, ckpt, tm
 def test_lost_node_without_room_is_a_clear_error(fresh_cluster, ckpt, tmp_path):
     path, _ = ckpt
     cluster = fresh_cluster(3, cpus=1, head_cpus=0)  # exactly 2 worker nodes for 2 ranks
-    breaker = _remove_a_rank_node_while_loading(cluster, str(tmp_path))
+    breaker = remove_a_rank_node_while_loading(cluster, str(tmp_path))
     worker = fault_workers.slow_load(4, marker_dir=str(tmp_path))
     t0 = time.monotonic()
     with pytest.raises(PlacementError, match=r"rank \d \(was on node 127\.0\.0\.\d\) could not be restarted within 5s"):

@@ -69,7 +69,8 @@ def test_more_ranks_than_the_cluster_can_place(ray_cluster, ckpt):
 def test_ctrl_c_on_the_driver_removes_everything(ray_cluster, ckpt, tmp_path):
     path, _ = ckpt
     script = f"""
-import sys
+import sys, faulthandler, signal
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 sys.path.insert(0, {os.getcwd()!r})
 import orchestrator
 from tests import fault_workers
@@ -86,7 +87,14 @@ orchestrator.load({path!r}, tp=2, nodes=2, worker_cls=fault_workers.slow_load(60
             time.sleep(0.2)
         assert live_actors_and_groups()[0], "the load's actors should be alive now"
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(3)
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError("driver still running 60 s after SIGINT:\n" + err[-20000:])
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -130,7 +138,7 @@ orchestrator.load({path!r}, tp=2, nodes=2, address="embedded",
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert "KeyboardInterrupt" in err
+    assert "KeyboardInterrupt" in err, (proc.returncode, err[-20000:])
     deadline = time.monotonic() + 30
     while True:
         left = subprocess.run(["pgrep", "-f", os.path.basename(session)], capture_output=True, text=True).stdout.split()

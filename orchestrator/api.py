@@ -1,11 +1,14 @@
 """The public API: ``orchestrator.plan`` (pure) and ``orchestrator.load`` (Ray).
 
-``load`` runs the stages in order, each with a deadline: plan (no cluster needed, no weight byte
-read, so bad input fails before anything starts); connect to Ray; reserve one placement bundle per
-node and start one actor per rank; hand the plan to the ranks (each checks its node can run it);
-fetch (Hub checkpoints: each node downloads only what its ranks read); materialize (each rank reads
-its byte ranges); hand tied tensors across stages; finalize (each rank builds its local model). On
-any failure — or Ctrl-C — everything started so far is removed before the exception propagates.
+``load`` runs the stages in order, each with a deadline: resolve (topology, options, the checkpoint's
+files, headers and config: bad input of that kind fails before anything starts); connect to Ray;
+reserve one placement bundle per node and start one actor per rank while the plan is finished on a
+background thread (building the meta skeleton imports transformers' model code, which the ranks
+import too: the two overlap); hand the plan to the ranks; fetch (Hub checkpoints: each node downloads
+only what its ranks read); materialize (each rank reads its byte ranges); hand tied tensors across
+stages; finalize (each rank builds its local model). No weight byte is read before the plan is
+complete. On any failure — or Ctrl-C — everything started so far is removed before the exception
+propagates; a planning error is reported as itself, whatever step it interrupted.
 
 Runs on the driver.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 
 import torch
@@ -22,8 +26,8 @@ from orchestrator.cluster import connect
 from orchestrator.loaded_model import LoadedModel
 from orchestrator.materialize import materialize
 from orchestrator.rank_group import RankGroup
-from planning.plan import LoadPlan
-from planning.planner import make_plan
+from planning.plan import LoadPlan, node_blocks
+from planning.planner import check_options, check_topology, make_plan, resolve_model
 
 DEFAULT_TIMEOUT_S = 3600.0
 
@@ -106,20 +110,25 @@ def load(
     context manager, or call ``shutdown()``.
     """
     phases = PhaseClock()
-    load_plan = model if isinstance(model, LoadPlan) else plan(model, tp=tp, pp=pp, nodes=nodes, device=device, **plan_options)
-    phases.mark("plan")
-    gpus_per_rank = 1 if load_plan.device == "cuda" else 0
-    ranks_per_node = max(len(n.ranks) for n in load_plan.nodes)
+    if isinstance(model, LoadPlan):
+        planning = _Planning.done(model)
+        tp, pp, nodes, device = model.tp, model.pp, model.num_nodes, model.device
+    else:
+        planning = _Planning.start(model, tp=tp, pp=pp, nodes=nodes, device=device, **plan_options)
+    phases.mark("resolve")
+    node_of_rank = node_blocks(tp * pp, nodes)
+    gpus_per_rank = 1 if device == "cuda" else 0
+    ranks_per_node = max(node_of_rank.count(n) for n in range(nodes))
     connection = group = None
     try:
         connection = connect(
             address,
-            num_nodes=load_plan.num_nodes,
+            num_nodes=nodes,
             cpus_per_node=max(1, int(ranks_per_node * cpus_per_rank)),
             gpus_per_node=ranks_per_node * gpus_per_rank,
         )
         phases.mark("connect")
-        group = RankGroup([r.node for r in load_plan.ranks], timeout_s=timeout_s)
+        group = RankGroup(node_of_rank, timeout_s=timeout_s)
         start_kwargs = dict(
             cpus_per_rank=cpus_per_rank,
             gpus_per_rank=gpus_per_rank,
@@ -127,11 +136,14 @@ def load(
             placement_timeout_s=placement_timeout_s,
             env=_rank_env(connection),
             worker_options={"zero_copy": zero_copy},
+            poll=planning.raise_if_failed,
         )
         if worker_cls is not None:
             start_kwargs["worker_cls"] = worker_cls
-        group.start(**start_kwargs)
+        group.start(**start_kwargs)  # the ranks import torch and transformers while the plan is finished
         phases.mark("start ranks")
+        load_plan = planning.result()
+        phases.mark("plan")
         group.attach(load_plan)  # e.g. flash-attn checked on every node, before a single weight byte is fetched
         phases.mark("attach plan")
         fetch_options = dict(mode=fetch, max_gap_bytes=fetch_gap_bytes, **plan_options)
@@ -142,8 +154,7 @@ def load(
             nonlocal fetched
             from orchestrator.fetch_stage import merge_refetch
 
-            again = _node_files(load_plan, group, fetch_options, progress=progress)
-            fetched = merge_refetch(fetched, again, [r.node for r in load_plan.ranks])
+            fetched = merge_refetch(fetched, _node_files(load_plan, group, fetch_options, progress=progress), node_of_rank)
             return fetched.paths, fetched.bytes_fetched
 
         reports = materialize(load_plan, group, list(fetched.paths), list(fetched.bytes_fetched), progress=progress,
@@ -152,14 +163,72 @@ def load(
         phases.mark("materialize")
         return LoadedModel(load_plan, reports, group, connection, fetch_report=fetched.nodes, timeout_s=timeout_s,
                            timings=phases.seconds)
-    except BaseException:
+    except BaseException as exc:
         try:
             if group is not None:
                 group.shutdown()
         finally:
             if connection is not None:
                 connection.close()
+        # A bad input found by planning is the error to report, not what it interrupted (an
+        # unreachable cluster, a placement that cannot be met): let planning finish and prefer its error.
+        failed = None if isinstance(exc, KeyboardInterrupt) else planning.wait_error()
+        if failed is not None and failed is not exc:
+            raise failed from None
         raise
+
+
+class _Planning:
+    """``make_plan`` running on a background thread while the driver connects and starts the ranks.
+
+    What is cheap to check — topology, options, the checkpoint's files, headers and config — is checked
+    before it returns, so bad input of that kind fails before anything starts; the rest (building the
+    skeleton, which imports transformers' model code) overlaps the ranks' own start."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._plan: LoadPlan | None = None
+        self._error: BaseException | None = None
+
+    @classmethod
+    def done(cls, plan: LoadPlan) -> "_Planning":
+        p = cls()
+        p._plan = plan
+        p._done.set()
+        return p
+
+    @classmethod
+    def start(cls, model, *, tp: int, pp: int, nodes: int, device: str, **plan_options) -> "_Planning":
+        check_topology(tp, pp, nodes)
+        check_options(device=device, attn_implementation=plan_options.get("attn_implementation", "sdpa"))
+        resolve_options = {k: plan_options[k] for k in ("revision", "cache_dir", "token", "allow_pickle") if k in plan_options}
+        resolved = resolve_model(model, **resolve_options)
+        p = cls()
+
+        def run() -> None:
+            try:
+                p._plan = make_plan(model, tp=tp, pp=pp, nodes=nodes, device=device, resolved=resolved, **plan_options)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                p._error = exc
+            finally:
+                p._done.set()
+
+        threading.Thread(target=run, name="meshload-plan", daemon=True).start()
+        return p
+
+    def wait_error(self, timeout_s: float = 300.0) -> BaseException | None:
+        """Planning's error once it has finished (None if it succeeded or is still running after ``timeout_s``)."""
+        self._done.wait(timeout_s)
+        return self._error if self._done.is_set() else None
+
+    def raise_if_failed(self) -> None:
+        if self._done.is_set() and self._error is not None:
+            raise self._error
+
+    def result(self) -> LoadPlan:
+        self._done.wait()
+        self.raise_if_failed()
+        return self._plan
 
 
 class PhaseClock:

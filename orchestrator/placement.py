@@ -42,22 +42,26 @@ def _cluster_summary() -> str:
     )
 
 
-def create_placement_group(bundles: list[dict], *, timeout_s: float, name: str = ""):
-    """Reserve ``bundles`` on distinct nodes or raise ``PlacementError`` after ``timeout_s``."""
+def create_placement_group(bundles: list[dict], *, timeout_s: float, name: str = "", poll=None):
+    """Reserve ``bundles`` on distinct nodes or raise ``PlacementError`` after ``timeout_s``; ``poll()`` is
+    called about twice a second while waiting (whatever it raises removes the group and propagates)."""
+    import time
+
     import ray
-    from ray.exceptions import GetTimeoutError
     from ray.util.placement_group import placement_group, remove_placement_group
 
     strategy = "STRICT_SPREAD" if len(bundles) > 1 else "PACK"
     pg = placement_group(bundles, strategy=strategy, name=name)
+    deadline = time.monotonic() + timeout_s
     try:
-        ray.get(pg.ready(), timeout=timeout_s)
-    except GetTimeoutError:
-        remove_placement_group(pg)
-        raise PlacementError(
-            f"could not place {len(bundles)} node bundle(s) {bundles} with {strategy} within {timeout_s:g}s; "
-            f"the cluster has {_cluster_summary()}. Use fewer nodes/ranks or add nodes."
-        ) from None
+        while not pg.wait(timeout_seconds=max(0.0, min(0.5, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise PlacementError(
+                    f"could not place {len(bundles)} node bundle(s) {bundles} with {strategy} within {timeout_s:g}s; "
+                    f"the cluster has {_cluster_summary()}. Use fewer nodes/ranks or add nodes."
+                )
+            if poll is not None:
+                poll()
     except BaseException:
         remove_placement_group(pg)
         raise

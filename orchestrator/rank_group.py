@@ -75,7 +75,9 @@ def group_errors(errors: dict[int, BaseException], where: dict[int, str]) -> Bas
 
 class RankGroup:
     """The actors of one load, one per rank; rank ``r`` runs on node ``node_of_rank[r]`` (the plan's blocks).
-    The actors start without the plan (``start()``) and get it from ``attach(plan)``."""
+
+    The actors can start before the plan exists (``start()`` without one, then ``attach(plan)``), so
+    their process start and imports overlap the driver's planning."""
 
     def __init__(self, node_of_rank: Sequence[int], *, timeout_s: float) -> None:
         self.node_of_rank = list(node_of_rank)
@@ -99,16 +101,18 @@ class RankGroup:
         worker_cls: type = RankWorker,
         worker_options: dict | None = None,
         placement_timeout_s: float = 60.0,
+        poll: Callable[[], None] | None = None,
     ) -> "RankGroup":
         """Reserve the nodes and start one actor per rank, without a plan (``attach`` gives it); returns
-        once every actor answers."""
+        once every actor answers. ``poll()`` is called while waiting (it may raise, e.g. when planning
+        failed meanwhile)."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self._placement_timeout_s = placement_timeout_s
         num_nodes = max(self.node_of_rank) + 1
         bundles = bundles_for(self.node_of_rank, num_nodes, cpus_per_rank=cpus_per_rank, gpus_per_rank=gpus_per_rank)
-        self.pg = create_placement_group(bundles, timeout_s=placement_timeout_s, name="")
+        self.pg = create_placement_group(bundles, timeout_s=placement_timeout_s, name="", poll=poll)
         threads = num_threads or max(1, int(cpus_per_rank))
         # Only what a rank cannot set for itself goes through a runtime_env (its own worker pool, so no
         # reuse of idle workers); the thread count is set by the rank (torch.set_num_threads).
@@ -129,7 +133,7 @@ class RankGroup:
 
         self._spawn = spawn
         self.actors = [spawn(r) for r in range(len(self.node_of_rank))]
-        for rank, info in enumerate(self.call("where", timeout_s=placement_timeout_s + 120)):
+        for rank, info in enumerate(self.call("where", timeout_s=placement_timeout_s + 120, poll=poll)):
             self._record(rank, info)
         return self
 
@@ -137,6 +141,11 @@ class RankGroup:
         """Hand the plan to ranks started without one (each checks its node can run it)."""
         import ray
 
+        if len(plan.ranks) != len(self.node_of_rank) or any(r.node != n for r, n in zip(plan.ranks, self.node_of_rank)):
+            raise ValueError(
+                f"the plan puts ranks on nodes {[r.node for r in plan.ranks]}, but the ranks were started on "
+                f"nodes {self.node_of_rank}"
+            )
         self._plan_ref = ray.put(plan)
         self.call("attach", self._plan_ref)
 

@@ -59,3 +59,13 @@ def slow_load(seconds: float, *, marker_dir: str | None = None) -> type:
 
     return SlowLoad
 
+
+def announces_start(marker_dir: str) -> type:
+    """A worker that leaves ``started-<rank>`` in ``marker_dir`` as soon as its actor is constructed."""
+
+    class AnnouncesStart(RankWorker):
+        def __init__(self, plan, rank, **kwargs):
+            super().__init__(plan, rank, **kwargs)
+            open(os.path.join(marker_dir, f"started-{rank}-{'with' if plan is not None else 'without'}-plan"), "w").close()
+
+    return AnnouncesStart

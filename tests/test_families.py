@@ -77,7 +77,7 @@ def test_packed_tensors_are_sharded_not_replicated(family_ckpt):
     assert c_attn.shard.dim == 1 and c_attn.shape[1] == c_attn.full_shape[1] // 2
 
 
-def test_impossible_tp_fails_before_any_cluster_work(family_ckpt):
+def test_impossible_tp_is_reported_over_the_cluster_error(family_ckpt):
     path = family_ckpt("qwen2")[0]
     with pytest.raises(orchestrator.PlanError, match="tp=8 does not divide num_attention_heads=4"):
-        orchestrator.load(path, tp=8, nodes=2, address="127.0.0.1:1")  # never reached: planning fails first
+        orchestrator.load(path, tp=8, nodes=2, address="127.0.0.1:1")  # no cluster there: planning's error wins

@@ -66,6 +66,12 @@ def test_more_ranks_than_the_cluster_can_place(ray_cluster, ckpt):
     assert wait_until_clean() == ([], [])
 
 
+def _ctrl_c_enabled() -> None:
+    """The driver gets SIGINT's default disposition, as from a terminal: a test suite started in the
+    background by a shell has SIGINT ignored, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_on_the_driver_removes_everything(ray_cluster, ckpt, tmp_path):
     path, _ = ckpt
     script = f"""
@@ -78,7 +84,8 @@ print("starting", flush=True)
 orchestrator.load({path!r}, tp=2, nodes=2, worker_cls=fault_workers.slow_load(60, marker_dir={str(tmp_path)!r}), progress=False)
 """
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ctrl_c_enabled)
     try:
         deadline = time.monotonic() + 120
         while len([f for f in os.listdir(tmp_path) if f.startswith("loading-")]) < 2:
@@ -121,7 +128,8 @@ orchestrator.load({path!r}, tp=2, nodes=2, address="embedded",
                   worker_cls=fault_workers.slow_load(60, marker_dir={str(tmp_path)!r}), progress=False)
 """
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ctrl_c_enabled)
     try:
         session = None
         deadline = time.monotonic() + 180

@@ -112,11 +112,12 @@ def load(
     phases = PhaseClock()
     if isinstance(model, LoadPlan):
         planning = _Planning.done(model)
-        tp, pp, nodes, device = model.tp, model.pp, model.num_nodes, model.device
+        nodes, device = model.num_nodes, model.device
+        node_of_rank = [r.node for r in model.ranks]
     else:
         planning = _Planning.start(model, tp=tp, pp=pp, nodes=nodes, device=device, **plan_options)
+        node_of_rank = node_blocks(tp * pp, nodes)  # the plan places its ranks with node_blocks too
     phases.mark("resolve")
-    node_of_rank = node_blocks(tp * pp, nodes)
     gpus_per_rank = 1 if device == "cuda" else 0
     ranks_per_node = max(node_of_rank.count(n) for n in range(nodes))
     connection = group = None

@@ -9,6 +9,8 @@ Runs on the driver.
 
 from __future__ import annotations
 
+import time
+
 from planning.errors import MeshloadError
 
 
@@ -45,8 +47,6 @@ def _cluster_summary() -> str:
 def create_placement_group(bundles: list[dict], *, timeout_s: float, name: str = "", poll=None):
     """Reserve ``bundles`` on distinct nodes or raise ``PlacementError`` after ``timeout_s``; ``poll()`` is
     called about twice a second while waiting (whatever it raises removes the group and propagates)."""
-    import time
-
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 

@@ -141,11 +141,6 @@ class RankGroup:
         """Hand the plan to ranks started without one (each checks its node can run it)."""
         import ray
 
-        if len(plan.ranks) != len(self.node_of_rank) or any(r.node != n for r, n in zip(plan.ranks, self.node_of_rank)):
-            raise ValueError(
-                f"the plan puts ranks on nodes {[r.node for r in plan.ranks]}, but the ranks were started on "
-                f"nodes {self.node_of_rank}"
-            )
         self._plan_ref = ray.put(plan)
         self.call("attach", self._plan_ref)
 

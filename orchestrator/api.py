@@ -16,6 +16,7 @@ Runs on the driver.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -27,7 +28,10 @@ from orchestrator.loaded_model import LoadedModel
 from orchestrator.materialize import materialize
 from orchestrator.rank_group import RankGroup
 from planning.plan import LoadPlan, node_blocks
+from planning.plan_cache import PlanCache, plan_key
 from planning.planner import check_options, check_topology, make_plan, resolve_model
+
+log = logging.getLogger("meshload")
 
 DEFAULT_TIMEOUT_S = 3600.0
 
@@ -94,6 +98,7 @@ def load(
     fetch: str | None = None,
     fetch_gap_bytes: int | None = None,
     worker_cls: type | None = None,
+    plan_cache: bool | str | os.PathLike = True,
     **plan_options,
 ) -> LoadedModel:
     """Load ``model`` onto ``tp × pp`` ranks over ``nodes`` Ray nodes; returns a ``LoadedModel``.
@@ -106,8 +111,11 @@ def load(
     the byte ranges its ranks read, joining ranges closer than ``fetch_gap_bytes``, 1 MiB by default)
     or ``"files"`` (whole files). On CPU, ``zero_copy`` (default) makes shards that are one contiguous
     range of a file private mappings of the page cache instead of copies. A rank whose actor dies (process killed, node lost) is restarted up to
-    ``max_restarts`` times, on another node if its node is gone and the cluster has room. Use as a
-    context manager, or call ``shutdown()``.
+    ``max_restarts`` times, on another node if its node is gone and the cluster has room.
+    ``plan_cache``: plans are kept on the driver's disk and reused when the checkpoint's config and
+    headers, the options and meshload's planning code are the same (``True``: the default folder,
+    ``$MESHLOAD_PLAN_CACHE`` or ``~/.cache/meshload/plans``; a path: that folder; ``False``: off); see
+    ``planning/plan_cache.py``. Use as a context manager, or call ``shutdown()``.
     """
     phases = PhaseClock()
     if isinstance(model, LoadPlan):
@@ -115,7 +123,7 @@ def load(
         nodes, device = model.num_nodes, model.device
         node_of_rank = [r.node for r in model.ranks]
     else:
-        planning = _Planning.start(model, tp=tp, pp=pp, nodes=nodes, device=device, **plan_options)
+        planning = _Planning.start(model, tp=tp, pp=pp, nodes=nodes, device=device, plan_cache=plan_cache, **plan_options)
         node_of_rank = node_blocks(tp * pp, nodes)  # the plan places its ranks with node_blocks too
     phases.mark("resolve")
     gpus_per_rank = 1 if device == "cuda" else 0
@@ -163,7 +171,7 @@ def load(
         reports = [dataclasses.replace(r, restarts=group.restarts[r.rank]) for r in reports]
         phases.mark("materialize")
         return LoadedModel(load_plan, reports, group, connection, fetch_report=fetched.nodes, timeout_s=timeout_s,
-                           timings=phases.seconds)
+                           timings=phases.seconds, plan_cached=planning.cached)
     except BaseException as exc:
         try:
             if group is not None:
@@ -190,25 +198,38 @@ class _Planning:
         self._done = threading.Event()
         self._plan: LoadPlan | None = None
         self._error: BaseException | None = None
+        self.cached = False  # the plan came from the plan cache
 
     @classmethod
-    def done(cls, plan: LoadPlan) -> "_Planning":
+    def done(cls, plan: LoadPlan, *, cached: bool = False) -> "_Planning":
         p = cls()
         p._plan = plan
+        p.cached = cached
         p._done.set()
         return p
 
     @classmethod
-    def start(cls, model, *, tp: int, pp: int, nodes: int, device: str, **plan_options) -> "_Planning":
+    def start(cls, model, *, tp: int, pp: int, nodes: int, device: str, plan_cache, **plan_options) -> "_Planning":
         check_topology(tp, pp, nodes)
         check_options(device=device, attn_implementation=plan_options.get("attn_implementation", "sdpa"))
         resolve_options = {k: plan_options[k] for k in ("revision", "cache_dir", "token", "allow_pickle") if k in plan_options}
         resolved = resolve_model(model, **resolve_options)
+        cache = key = None
+        if plan_cache is not False:
+            cache = PlanCache(None if plan_cache is True else plan_cache)
+            key_options = {k: v for k, v in plan_options.items() if k not in ("token", "cache_dir")}
+            key = plan_key(resolved, dict(tp=tp, pp=pp, nodes=nodes, device=device, **key_options))
+            cached = cache.get(key)
+            if cached is not None:
+                log.info("meshload: plan reused from %s", cache.path(key))
+                return cls.done(cached, cached=True)
         p = cls()
 
         def run() -> None:
             try:
                 p._plan = make_plan(model, tp=tp, pp=pp, nodes=nodes, device=device, resolved=resolved, **plan_options)
+                if cache is not None:
+                    cache.put(key, p._plan)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
                 p._error = exc
             finally:

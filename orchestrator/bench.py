@@ -7,7 +7,9 @@ same machine and the same warm page cache (``--repeats`` times each, the median 
 - ``meshload``: ``orchestrator.load`` at ``tp`` ranks over ``nodes`` simulated nodes, called in a driver
   already connected to the cluster (a Ray cluster started beforehand, not timed);
 - ``meshload-new-driver``: the same load from a new driver process (imports, ``ray.init``, plan,
-  load), as a script or a ``ray job submit`` entrypoint runs it;
+  load), as a script or a ``ray job submit`` entrypoint runs it the first time (plan cache off);
+- ``meshload-new-driver-cached``: the same, run again: the plan comes from the plan cache (filled by
+  one untimed run first), so the driver does not plan (nor import transformers' model code);
 - ``transformers-tp``: transformers' own TP load (``tp_plan="auto"`` under ``torchrun --nproc-per-node tp``);
 - ``transformers``: transformers' single-process ``from_pretrained``;
 - ``naive``: every rank reads the whole checkpoint and slices its shard (under ``torchrun``).
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -48,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--out", default="bench-out", help="folder for the checkpoint and results")
-    p.add_argument("--peers", default="meshload,meshload-new-driver,transformers-tp,transformers,naive",
+    p.add_argument("--peers", default="meshload,meshload-new-driver,meshload-new-driver-cached,transformers-tp,transformers,naive",
                    help="comma-separated subset of what to run")
     p.add_argument("--repeats", type=int, default=3, help="warm runs of each method; the median one is kept")
     p.add_argument("--cold", action="store_true", help="also measure bytes fetched from storage on a cold page cache")
@@ -102,7 +105,7 @@ def run_meshload(path: str, *, tp: int, nodes: int, dtype: str, address: str) ->
     from orchestrator.bench_peers import meshload_ranks
 
     launched = time.time()
-    with orchestrator.load(path, tp=tp, nodes=nodes, dtype=dtype, progress=False) as m:
+    with orchestrator.load(path, tp=tp, nodes=nodes, dtype=dtype, progress=False, plan_cache=False) as m:
         ranks = meshload_ranks(m, time.time())
     return _timed(ranks, launched, wall_s=ranks[0]["ready_at"] - launched)
 
@@ -113,11 +116,12 @@ def _timed(ranks: list[dict], launched: float, *, wall_s: float) -> dict:
     return {"wall_s": wall_s, "ranks": sorted(ranks, key=lambda r: r["rank"])}
 
 
-def _peer(method: str, path: str, *, tp: int, nodes: int, dtype: str, address: str, timeout_s: float = 1200.0) -> dict:
+def _peer(method: str, path: str, *, tp: int, nodes: int, dtype: str, address: str, plan_cache: str = "off",
+          timeout_s: float = 1200.0) -> dict:
     module = [sys.executable, "-m", "orchestrator.bench_peers", method, "--path", path, "--dtype", dtype,
               "--tp", str(tp), "--nodes", str(nodes)]
     if method == "meshload":
-        module += ["--address", address]
+        module += ["--address", address, "--plan-cache", plan_cache]
     if method in ("tp", "naive"):
         torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
         cmd = [torchrun, "--standalone", f"--nproc-per-node={tp}", "-m", "orchestrator.bench_peers", *module[3:]]
@@ -136,12 +140,22 @@ def _peer(method: str, path: str, *, tp: int, nodes: int, dtype: str, address: s
     return _timed(ranks, launched, wall_s=wall)
 
 
+def _new_driver_cached(path: str, *, plan_cache: str, **kw) -> dict:
+    if not os.listdir(plan_cache):  # one untimed run fills the cache, as a user's first run would
+        _peer("meshload", path, plan_cache=plan_cache, **kw)
+    result = _peer("meshload", path, plan_cache=plan_cache, **kw)
+    if not all(r["plan_cached"] for r in result["ranks"]):
+        raise RuntimeError(f"meshload-new-driver-cached: the plan was not reused from {plan_cache}")
+    return result
+
+
 METHODS = {
-    "meshload": run_meshload,
-    "meshload-new-driver": lambda path, **kw: _peer("meshload", path, **kw),
-    "transformers-tp": lambda path, **kw: _peer("tp", path, **kw),
-    "transformers": lambda path, **kw: _peer("single", path, **kw),
-    "naive": lambda path, **kw: _peer("naive", path, **kw),
+    "meshload": lambda path, plan_cache, **kw: run_meshload(path, **kw),  # plans every run (overlapped)
+    "meshload-new-driver": lambda path, plan_cache, **kw: _peer("meshload", path, **kw),
+    "meshload-new-driver-cached": _new_driver_cached,
+    "transformers-tp": lambda path, plan_cache, **kw: _peer("tp", path, **kw),
+    "transformers": lambda path, plan_cache, **kw: _peer("single", path, **kw),
+    "naive": lambda path, plan_cache, **kw: _peer("naive", path, **kw),
 }
 
 
@@ -182,7 +196,7 @@ def report_text(results: dict) -> str:
     def worst(name: str, key: str) -> float:
         return max(x[key] for x in results["methods"][name]["ranks"])
 
-    ours = [n for n in ("meshload", "meshload-new-driver") if n in results["methods"]]
+    ours = [n for n in ("meshload", "meshload-new-driver", "meshload-new-driver-cached") if n in results["methods"]]
     if ours:
         lines.append("")
         mine = results["methods"][ours[0]]["ranks"]
@@ -227,7 +241,11 @@ def run_bench(args) -> int:
     }
     passes = [("warm", results["methods"], args.repeats)] + ([("cold", results["cold"], 1)] if args.cold else [])
     cluster = _start_cluster(args) if any(n.startswith("meshload") for n in wanted) else None
-    options = dict(tp=args.tp, nodes=args.nodes, dtype=args.dtype, address=cluster.address if cluster else None)
+    plan_cache = os.path.join(args.out, "plan-cache")
+    shutil.rmtree(plan_cache, ignore_errors=True)
+    os.makedirs(plan_cache)
+    options = dict(tp=args.tp, nodes=args.nodes, dtype=args.dtype, address=cluster.address if cluster else None,
+                   plan_cache=plan_cache)
     try:
         for cache, into, repeats in passes:
             for name in wanted:

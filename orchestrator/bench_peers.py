@@ -39,18 +39,18 @@ def meshload_ranks(m, ready_at: float) -> list[dict]:
     return [
         {"rank": r.rank, "ready_at": ready_at, "process_s": r.process_seconds, "load_s": r.seconds,
          "peak_rss_bytes": r.peak_rss_bytes, "held_bytes": r.param_bytes, "rchar": r.bytes_read,
-         "read_bytes": r.disk_read_bytes, "needed_bytes": r.param_bytes}
+         "read_bytes": r.disk_read_bytes, "needed_bytes": r.param_bytes, "plan_cached": m.plan_cached}
         for r in m.report
     ]
 
 
-def run_meshload(path: str, dtype: str, tp: int, nodes: int, address: str) -> list[dict]:
+def run_meshload(path: str, dtype: str, tp: int, nodes: int, address: str, plan_cache: str | bool) -> list[dict]:
     import ray
 
     import orchestrator
 
     ray.init(address=address, log_to_driver=False)
-    with orchestrator.load(path, tp=tp, nodes=nodes, dtype=dtype, progress=False) as m:
+    with orchestrator.load(path, tp=tp, nodes=nodes, dtype=dtype, progress=False, plan_cache=plan_cache) as m:
         return meshload_ranks(m, time.time())
 
 
@@ -121,9 +121,11 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--address", default=None, help="meshload: the running Ray cluster")
+    parser.add_argument("--plan-cache", default="off", help="meshload: plan cache folder, or 'off'")
     args = parser.parse_args()
     if args.method == "meshload":
-        for rank in run_meshload(args.path, args.dtype, args.tp, args.nodes, args.address):
+        plan_cache = False if args.plan_cache == "off" else args.plan_cache
+        for rank in run_meshload(args.path, args.dtype, args.tp, args.nodes, args.address, plan_cache):
             emit(rank)
         return
     if args.method == "tp":

@@ -84,8 +84,11 @@ def cmd_load(args) -> int:
     from orchestrator.report_view import report_table
 
     kwargs = _plan_kwargs(args)
+    plan_cache = {None: True, "off": False}.get(args.plan_cache, args.plan_cache)
     with load(args.model, address=args.address, timeout_s=args.timeout, fetch=args.fetch,
-              fetch_gap_bytes=args.fetch_gap, **kwargs) as m:
+              fetch_gap_bytes=args.fetch_gap, plan_cache=plan_cache, **kwargs) as m:
+        if m.plan_cached:
+            print("plan reused from the plan cache (no planning)")
         print(report_table(m))
         if args.report:
             with open(args.report, "w", encoding="utf-8") as f:
@@ -126,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hub checkpoints: download only the byte ranges the node's ranks read (default) or whole files")
     p.add_argument("--fetch-gap", type=int, default=None, metavar="BYTES",
                    help="ranges closer than this are downloaded as one request (default 1 MiB; 0 = exact)")
+    p.add_argument("--plan-cache", default=None, metavar="DIR|off",
+                   help="reuse plans kept here (default: $MESHLOAD_PLAN_CACHE or ~/.cache/meshload/plans); 'off' to always plan")
     p.add_argument("--report", default=None, help="write the plan and report as JSON to this file")
     p.add_argument("--input-ids", default=None, help="token ids for greedy generation across the ranks, e.g. 1,2,3")
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate with --input-ids")

@@ -25,11 +25,12 @@ from workers.report import RankReport
 class LoadedModel:
     def __init__(
         self, plan: LoadPlan, report: list[RankReport], group, connection, *, fetch_report=None, timeout_s: float = 600.0,
-        timings: dict[str, float] | None = None,
+        timings: dict[str, float] | None = None, plan_cached: bool = False,
     ) -> None:
         self.plan = plan
         self.report = report
         self.timings = dict(timings or {})  # wall seconds per step of the load, on the driver
+        self.plan_cached = plan_cached  # the plan was reused from the plan cache (no planning ran)
         self.fetch_report = fetch_report or []
         self.timeout_s = timeout_s
         self._group = group

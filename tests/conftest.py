@@ -18,6 +18,14 @@ import torch
 
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def _own_plan_cache(tmp_path_factory, monkeypatch):
+    """Each test starts with an empty plan cache of its own (drivers it starts inherit it), so no test
+    reuses a plan another test made, and nothing is written under ~/.cache."""
+    monkeypatch.setenv("MESHLOAD_PLAN_CACHE", str(tmp_path_factory.mktemp("plan-cache")))
+
+
 @pytest.fixture(autouse=True)
 def _no_default_dtype_leak():
     """transformers changes torch's process-wide default dtype while building models; a test that

@@ -20,7 +20,7 @@ def test_bench_runs_at_a_tiny_size(tmp_path):
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "bench-tiny.json").read_text())
-    methods = {"meshload", "meshload-new-driver", "transformers-tp", "transformers", "naive"}
+    methods = {"meshload", "meshload-new-driver", "meshload-new-driver-cached", "transformers-tp", "transformers", "naive"}
     assert set(results["methods"]) == set(results["cold"]) == methods
     for name, r in results["methods"].items():
         expected_ranks = 1 if name == "transformers" else 2
@@ -29,7 +29,10 @@ def test_bench_runs_at_a_tiny_size(tmp_path):
         # from the launch, the rank's own process start and imports included
         assert all(x["peak_rss_bytes"] > 0 and x["ready_s"] >= x["process_s"] - 0.5 and x["process_s"] > 0.5 for x in r["ranks"]), r
     # each rank read its bytes, no more (a vocab-padding row is held but not read)
-    for name in ("meshload", "meshload-new-driver"):
+    for name in ("meshload", "meshload-new-driver", "meshload-new-driver-cached"):
         ours = results["methods"][name]["ranks"]
         assert all(0.95 * x["needed_bytes"] <= x["rchar"] <= x["needed_bytes"] for x in ours), ours
+        # only the cached method's driver skipped planning
+        assert all(x["plan_cached"] == name.endswith("-cached") for x in ours), (name, ours)
+    assert len(os.listdir(tmp_path / "plan-cache")) == 1
     assert "meshload vs transformers-tp: per-rank peak RSS" in out.stdout

@@ -92,6 +92,10 @@ def test_cli_plan_and_load(ray_cluster, ckpts, tmp_path):
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr
     assert "read/params" in out.stdout and "meshload: node 1 [ranks 1] read" in out.stderr
+    assert "plan reused" not in out.stdout
+    again = subprocess.run([exe, "load", path, "--tp", "2", "--nodes", "2"], capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "plan reused from the plan cache (no planning)" in again.stdout and "read/params" in again.stdout
     import json
 
     data = json.loads(report.read_text())

@@ -1,0 +1,130 @@
+"""Plans kept on the driver's disk, so a new driver loading the same checkpoint the same way skips planning.
+
+Planning builds the model's meta skeleton, which imports transformers' model code: seconds of CPU in a
+new process (``ray job submit``, a script), competing with the ranks' own start. The resolved checkpoint
+(its config and safetensors headers, read anyway) plus the options decide the plan, so a plan made once
+is stored under a key made of:
+
+- the checkpoint as resolved: where it is (path, or Hub repo and commit), ``config.json``, and every
+  file's name, size and tensor table (name, dtype, shape, byte range), i.e. what the headers say;
+- every planning option (tp, pp, nodes, dtype, device, tp_plan, device_map, max_memory, ...);
+- the code that plans: the plan format version, torch's and transformers' versions, and the content of
+  meshload's ``planning`` sources (an edited checkout never reuses an older plan).
+
+A file rewritten with the same header keeps its key (the plan only holds byte ranges, which are the
+same); a changed header, config or option is a new key. An entry is a plan's JSON, read back through
+``LoadPlan.from_json`` (which validates it); an unreadable entry is reported, replaced, and never
+fatal, as is a folder that cannot be written.
+
+Folder: ``load(plan_cache=...)``, else ``$MESHLOAD_PLAN_CACHE``, else ``$XDG_CACHE_HOME/meshload/plans``
+(``~/.cache/meshload/plans``). Entries are small (a 1.1B Llama at tp=2: ~230 KB); delete the folder
+to clear it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+
+from planning.errors import MeshloadError
+
+log = logging.getLogger("meshload")
+
+CACHE_ENV = "MESHLOAD_PLAN_CACHE"
+
+
+def plan_cache_dir(chosen: str | os.PathLike | None = None) -> Path:
+    """``chosen``, else ``$MESHLOAD_PLAN_CACHE``, else ``$XDG_CACHE_HOME/meshload/plans``."""
+    if chosen:
+        return Path(chosen).expanduser()
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "meshload" / "plans"
+
+
+@cache
+def _code_fingerprint() -> str:
+    """What makes plans: the plan format, torch, transformers, and meshload's planning sources."""
+    from planning.plan import PLAN_FORMAT_VERSION
+
+    h = hashlib.sha256(f"format {PLAN_FORMAT_VERSION}".encode())
+    for dist in ("torch", "transformers"):
+        h.update(f"{dist} {metadata.version(dist)}".encode())
+    here = Path(__file__).parent
+    for source in sorted(here.glob("*.py")):
+        h.update(source.name.encode())
+        h.update(source.read_bytes())
+    return h.hexdigest()
+
+
+def plan_key(resolved, options: dict) -> str:
+    """The cache key of the plan ``make_plan`` would make for ``resolved`` (a ``ResolvedModel``) and ``options``."""
+    index = resolved.index
+    described = {
+        "model": [resolved.kind, str(resolved.ref_source), resolved.root, resolved.revision],
+        "config": resolved.config_dict,
+        "format": index.format,
+        "files": [[f.name, f.size, f.header_size, f.sha256] for f in index.files],
+        "tensors": [[t.name, t.file, t.dtype, list(t.shape), t.start, t.end] for t in index.tensors.values()],
+        "options": {k: options[k] for k in sorted(options)},
+    }
+    h = hashlib.sha256(_code_fingerprint().encode())
+    h.update(json.dumps(described, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+class PlanCache:
+    """Get and put plans by key in one folder (see module docstring)."""
+
+    def __init__(self, folder: str | os.PathLike | None = None) -> None:
+        self.folder = plan_cache_dir(folder)
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def get(self, key: str):
+        """The cached plan, or None (absent, or unreadable: then it is reported and removed)."""
+        from planning.plan import LoadPlan
+
+        path = self.path(key)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("meshload: plan cache entry %s cannot be read (%s); planning again", path, exc)
+            return None
+        try:
+            return LoadPlan.from_json(text)
+        except (MeshloadError, ValueError, KeyError, TypeError) as exc:
+            log.warning("meshload: plan cache entry %s is not a valid plan (%s); planning again", path, exc)
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            return None
+
+    def put(self, key: str, plan) -> Path | None:
+        """Store ``plan`` under ``key`` (atomically: a reader sees the old entry or the whole new one)."""
+        path = self.path(key)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{key[:16]}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(plan.to_json())
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as exc:
+            log.warning("meshload: the plan cannot be cached in %s (%s); the load goes on", self.folder, exc)
+            return None
+        return path

@@ -1,0 +1,126 @@
+"""The plan cache: a driver loading a checkpoint it (or another driver) loaded before, the same way,
+reuses the stored plan instead of planning, and so never imports transformers' model code; anything
+that changes the plan (config, headers, options, the planning code) is a different key."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import orchestrator
+import orchestrator.api
+from planning.errors import ConversionError
+from planning.plan_cache import PlanCache, plan_key
+from planning.planner import resolve_model
+from tests import checkpoints
+from tests.conftest import wait_until_clean
+
+OPTIONS = dict(tp=2, pp=1, nodes=2, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = checkpoints.llama(str(tmp_path_factory.mktemp("llama")), tied=False)
+    return path, checkpoints.reference(path).state_dict()
+
+
+def _key(path: str, **options) -> str:
+    return plan_key(resolve_model(path), {**OPTIONS, **options})
+
+
+def test_the_key_follows_what_decides_the_plan(tmp_path):
+    path = checkpoints.llama(str(tmp_path / "a"), tied=False)
+    key = _key(path)
+    assert _key(path) == key
+    # saved again with other values: same headers, same byte ranges, same plan
+    checkpoints.llama(path, tied=False, seed=7)
+    assert _key(path) == key
+    assert _key(path, tp=1, nodes=1) != key
+    assert _key(path, dtype="float32") != key
+    assert _key(path, tp_plan={"model.layers.*.mlp.down_proj": "rowwise"}) != key
+    config = json.load(open(os.path.join(path, "config.json")))
+    config["rms_norm_eps"] = 1e-3
+    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+    assert _key(path) != key
+    moved = shutil.copytree(path, str(tmp_path / "b"))  # the plan names its folder
+    assert _key(moved) != _key(path)
+    reshaped = checkpoints.llama(str(tmp_path / "c"), tied=False, intermediate_size=64)
+    shutil.rmtree(path)
+    shutil.copytree(reshaped, path)
+    assert _key(path) not in (key, _key(reshaped))
+
+
+def test_an_unreadable_entry_is_reported_and_replaced(ckpt, tmp_path, caplog):
+    cache = PlanCache(tmp_path)
+    plan = orchestrator.plan(ckpt[0], tp=2, nodes=2)
+    assert cache.put("k", plan) == tmp_path / "k.json"
+    assert cache.get("k").to_json() == plan.to_json()
+    (tmp_path / "k.json").write_text('{"version": 1, "ranks": [')
+    with caplog.at_level(logging.WARNING, logger="meshload"):
+        assert cache.get("k") is None
+    assert f"plan cache entry {tmp_path / 'k.json'} is not a valid plan" in caplog.text
+    assert not (tmp_path / "k.json").exists()
+    assert cache.get("absent") is None
+
+
+def test_a_folder_that_cannot_be_written_is_not_fatal(ckpt, tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cache = PlanCache(blocker / "plans")
+    with caplog.at_level(logging.WARNING, logger="meshload"):
+        assert cache.put("k", orchestrator.plan(ckpt[0], tp=2, nodes=2)) is None
+    assert f"the plan cannot be cached in {blocker / 'plans'}" in caplog.text
+
+
+def test_a_new_driver_reuses_the_plan_and_skips_transformers(ray_cluster, ckpt, tmp_path, monkeypatch):
+    path, oracle = ckpt
+    cache = tmp_path / "plans"
+    with orchestrator.load(path, tp=2, nodes=2, progress=False, plan_cache=str(cache)) as m:
+        assert not m.plan_cached
+        first = m.plan.to_json()
+    assert len(os.listdir(cache)) == 1
+
+    def no_planning(*args, **kwargs):
+        raise AssertionError("planned although the plan was cached")
+
+    monkeypatch.setattr(orchestrator.api, "make_plan", no_planning)
+    with orchestrator.load(path, tp=2, nodes=2, progress=False, plan_cache=str(cache)) as m:
+        assert m.plan_cached and m.plan.to_json() == first
+        checkpoints.assert_state_equal(m.full_state_dict(), oracle)
+    # a new driver process: the plan comes from the cache, transformers' model code is never imported
+    script = f"""
+import json, sys
+import orchestrator
+with orchestrator.load({path!r}, tp=2, nodes=2, progress=False, plan_cache={str(cache)!r}) as m:
+    print("RESULT " + json.dumps([m.plan_cached, m.plan.to_json() == {first!r}, sorted(
+        n for n in sys.modules if n.startswith("transformers"))]))
+"""
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.split("RESULT ", 1)[1])
+    assert result == [True, True, []]
+    assert wait_until_clean() == ([], [])
+
+
+def test_a_changed_checkpoint_is_planned_again_not_loaded_from_a_stale_plan(ray_cluster, ckpt, tmp_path):
+    path = shutil.copytree(ckpt[0], str(tmp_path / "ckpt"))
+    cache = tmp_path / "plans"
+    with orchestrator.load(path, tp=2, nodes=2, progress=False, plan_cache=False):
+        pass
+    assert not cache.exists() and not os.listdir(os.environ["MESHLOAD_PLAN_CACHE"])  # off: nothing stored
+    with orchestrator.load(path, tp=2, nodes=2, progress=False, plan_cache=str(cache)) as m:
+        assert not m.plan_cached
+    config = json.load(open(os.path.join(path, "config.json")))
+    config["intermediate_size"] = 64  # the checkpoint's MLP is 48 wide: only planning can tell
+    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(ConversionError, match="checkpoint shape differs from what config.json builds"):
+        orchestrator.load(path, tp=2, nodes=2, progress=False, plan_cache=str(cache))
+    assert len(os.listdir(cache)) == 1  # the failed plan stored nothing
+    assert wait_until_clean() == ([], [])

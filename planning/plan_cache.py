@@ -17,8 +17,8 @@ same); a changed header, config or option is a new key. An entry is a plan's JSO
 fatal, as is a folder that cannot be written.
 
 Folder: ``load(plan_cache=...)``, else ``$MESHLOAD_PLAN_CACHE``, else ``$XDG_CACHE_HOME/meshload/plans``
-(``~/.cache/meshload/plans``). Entries are small (a 1.1B Llama at tp=2: ~230 KB); delete the folder
-to clear it.
+(``~/.cache/meshload/plans``). Entries are small (a 1.1B Llama at tp=2: ~230 KB); the folder keeps the
+``MAX_ENTRIES`` most recently used (a hit refreshes an entry), and may be deleted at any time.
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
-from planning.errors import MeshloadError
-
 log = logging.getLogger("meshload")
 
 CACHE_ENV = "MESHLOAD_PLAN_CACHE"
+MAX_ENTRIES = 64
 
 
 def plan_cache_dir(chosen: str | os.PathLike | None = None) -> Path:
@@ -83,8 +82,9 @@ def plan_key(resolved, options: dict) -> str:
 class PlanCache:
     """Get and put plans by key in one folder (see module docstring)."""
 
-    def __init__(self, folder: str | os.PathLike | None = None) -> None:
+    def __init__(self, folder: str | os.PathLike | None = None, *, max_entries: int = MAX_ENTRIES) -> None:
         self.folder = plan_cache_dir(folder)
+        self.max_entries = max_entries
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.json"
@@ -102,14 +102,19 @@ class PlanCache:
             log.warning("meshload: plan cache entry %s cannot be read (%s); planning again", path, exc)
             return None
         try:
-            return LoadPlan.from_json(text)
-        except (MeshloadError, ValueError, KeyError, TypeError) as exc:
+            plan = LoadPlan.from_json(text)
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with an entry, planning again fixes it
             log.warning("meshload: plan cache entry %s is not a valid plan (%s); planning again", path, exc)
             try:
                 path.unlink()
             except OSError:
                 pass
             return None
+        try:
+            os.utime(path)  # most recently used: kept longest
+        except OSError:
+            pass
+        return plan
 
     def put(self, key: str, plan) -> Path | None:
         """Store ``plan`` under ``key`` (atomically: a reader sees the old entry or the whole new one)."""
@@ -127,4 +132,14 @@ class PlanCache:
         except OSError as exc:
             log.warning("meshload: the plan cannot be cached in %s (%s); the load goes on", self.folder, exc)
             return None
+        self._prune()
         return path
+
+    def _prune(self) -> None:
+        """Remove the least recently used entries beyond ``max_entries``."""
+        try:
+            entries = sorted(self.folder.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+            for old in entries[: max(0, len(entries) - self.max_entries)]:
+                old.unlink()
+        except OSError:  # another driver pruned it first
+            pass

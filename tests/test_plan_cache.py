@@ -69,6 +69,17 @@ def test_an_unreadable_entry_is_reported_and_replaced(ckpt, tmp_path, caplog):
     assert cache.get("absent") is None
 
 
+def test_the_folder_keeps_the_most_recently_used_entries(ckpt, tmp_path):
+    cache = PlanCache(tmp_path, max_entries=2)
+    plan = orchestrator.plan(ckpt[0], tp=2, nodes=2)
+    for n, key in enumerate(["a", "b"]):
+        cache.put(key, plan)
+        os.utime(tmp_path / f"{key}.json", ns=(n * 10**9, n * 10**9))  # "a" older than "b"
+    assert cache.get("a") is not None  # a hit makes "a" the most recent
+    cache.put("c", plan)
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "c.json"]
+
+
 def test_a_folder_that_cannot_be_written_is_not_fatal(ckpt, tmp_path, caplog):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -15,6 +15,8 @@ Runs on every rank of a pipeline-parallel load (and trivially, as the whole mode
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from planning.pipeline import layer_of
@@ -36,12 +38,20 @@ class CachePassthrough(torch.nn.Module):
         self.layer_idx = layer_idx
 
     def forward(self, hidden_states, *args, **kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache")  # transformers >= 5.24; "past_key_values" before
+        if cache is None:
+            cache = kwargs.get("past_key_values")
         if cache is not None and hasattr(cache, "update"):
             b, t = hidden_states.shape[0], hidden_states.shape[1]
             stub = hidden_states.new_zeros(b, 1, t, 1)
             cache.update(stub, stub, self.layer_idx)
         return hidden_states
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The keyword transformers' forward takes the KV cache by: ``cache`` since transformers 5.24
+    (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class ZeroHidden(torch.nn.Module):

@@ -157,6 +157,27 @@ def test_plan_of_a_hub_repo_downloads_headers_and_config_only(hub, repos):
     assert hub.bytes_served() < 0.15 * plan.totals.checkpoint_bytes
 
 
+def test_a_cached_plan_of_a_hub_repo_is_not_reused_for_a_new_commit(hub, repos, tmp_path):
+    """A new commit with the same weight files (a README added): headers and file hashes match, but the
+    plan names the commit its ranks fetch from, so it is a new key."""
+    from planning.plan_cache import plan_key
+    from planning.planner import resolve_model
+
+    options = dict(tp=2, pp=1, nodes=2, device="cpu")
+    key = plan_key(resolve_model(SHARDED), options)
+    assert plan_key(resolve_model(SHARDED), options) == key
+    first = hub.repos[SHARDED]
+    second = shutil.copytree(first.folder, str(tmp_path / "v2"))
+    with open(os.path.join(second, "README.md"), "w") as f:
+        f.write("a new commit\n")
+    try:
+        assert hub.add_repo(SHARDED, second) != first.commit
+        assert plan_key(resolve_model(SHARDED), options) != key
+    finally:
+        hub.add_repo(SHARDED, first.folder)
+    assert plan_key(resolve_model(SHARDED), options) == key
+
+
 def test_single_file_repo_and_index_match_local_headers(hub, repos):
     path, _ = repos[SINGLE]
     plan = orchestrator.plan(SINGLE, tp=2, nodes=1)

@@ -3,9 +3,10 @@
 Run it as its own process (that is the point: a new driver, as a script or ``ray job submit`` runs),
 against a running cluster, a few times::
 
-    python -m benchmarks.driver_phases CHECKPOINT --address HOST:PORT --tp 2 --nodes 2 --repeats 3
+    python -m benchmarks.driver_phases CHECKPOINT --address HOST:PORT --tp 2 --nodes 2 --repeats 3 [--plan-cache DIR]
 
-Each run prints seconds since the process started at each step and ``LoadedModel.timings``.
+Each run prints seconds since the process started at each step and ``LoadedModel.timings``. Every run
+plans unless ``--plan-cache DIR`` is given (then the first run fills it and the next ones reuse it).
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ def one_run(args) -> None:
 
     ray.init(address=args.address, log_to_driver=False)
     marks["ray.init"] = process_age_s()
-    with orchestrator.load(args.checkpoint, tp=args.tp, pp=args.pp, nodes=args.nodes, dtype=args.dtype, progress=False) as m:
+    with orchestrator.load(args.checkpoint, tp=args.tp, pp=args.pp, nodes=args.nodes, dtype=args.dtype, progress=False,
+                           plan_cache=args.plan_cache or False) as m:
         marks["ready"] = process_age_s()
         steps = ", ".join(f"{k} {v:.2f}" for k, v in m.timings.items())
-    print(" | ".join(f"{k} at {v:.2f} s" for k, v in marks.items()) + f" || load(): {steps}", flush=True)
+        cached = " (plan cached)" if m.plan_cached else ""
+    print(" | ".join(f"{k} at {v:.2f} s" for k, v in marks.items()) + f" || load(){cached}: {steps}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--plan-cache", default=None, metavar="DIR", help="reuse plans kept in DIR (default: plan every run)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a single run, in this process
     args = p.parse_args(argv)
     if args.one:

@@ -33,7 +33,7 @@ from workers.distributed import free_port, init_world, leave_world
 from workers.local_model import build_local_model, rebuild_meta_model
 from workers.reader import CheckpointFiles, Progress, io_defaults, read_items, zero_copy_view
 from workers.report import RankReport, io_counters, node_location, peak_rss_bytes, process_age_s
-from workers.stage_runner import StageRunner, cache_argument
+from workers.stage_runner import StageRunner
 from workers.tp_runtime import apply_tensor_parallel
 
 
@@ -289,7 +289,7 @@ class RankWorker:
                 self.cache = DynamicCache(config=self.model.config) if use_cache else None
             kwargs = {}
             if self.cache is not None:
-                kwargs.update({cache_argument(self.model): self.cache, "use_cache": True})
+                kwargs.update({self.runner.cache_keyword: self.cache, "use_cache": True})
             if attention_mask is not None:
                 kwargs["attention_mask"] = attention_mask.to(self.device)
             out = self.runner.forward(

@@ -97,6 +97,7 @@ class StageRunner:
     def __init__(self, model: torch.nn.Module, plan: LoadPlan, rank_plan: RankPlan) -> None:
         layers_path = plan.layers_path
         self.model = model
+        self.cache_keyword = cache_argument(model)  # what forward takes the KV cache by
         stage = plan.stages[rank_plan.stage]
         self.first, self.last = stage.first, stage.last
         self._incoming: torch.Tensor | None = None

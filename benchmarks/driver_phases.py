@@ -5,7 +5,8 @@ against a running cluster, a few times::
 
     python -m benchmarks.driver_phases CHECKPOINT --address HOST:PORT --tp 2 --nodes 2 --repeats 3 [--plan-cache DIR]
 
-Each run prints seconds since the process started at each step and ``LoadedModel.timings``. Every run
+Each run prints seconds since the process started at each step and ``LoadedModel.timings``, and when
+torch's import, which the driver leaves until it handles tensors, ends after ready. Every run
 plans unless ``--plan-cache DIR`` is given (then the first run fills it and the next ones reuse it).
 """
 
@@ -33,6 +34,11 @@ def one_run(args) -> None:
         marks["ready"] = process_age_s()
         steps = ", ".join(f"{k} {v:.2f}" for k, v in m.timings.items())
         cached = " (plan cached)" if m.plan_cached else ""
+        # the driver imports torch with its first tensors (logits, generate), after the ranks are ready
+        had_torch = "torch" in sys.modules
+        import torch  # noqa: F401
+
+        marks["torch imported" + (" (already)" if had_torch else "")] = process_age_s()
     print(" | ".join(f"{k} at {v:.2f} s" for k, v in marks.items()) + f" || load(){cached}: {steps}", flush=True)
 
 

@@ -20,8 +20,7 @@ import logging
 import os
 import threading
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from orchestrator.cluster import connect
 from orchestrator.loaded_model import LoadedModel
@@ -30,6 +29,9 @@ from orchestrator.rank_group import RankGroup
 from planning.plan import LoadPlan, node_blocks
 from planning.plan_cache import PlanCache, plan_key
 from planning.planner import check_options, check_topology, make_plan, resolve_model
+
+if TYPE_CHECKING:  # the driver imports torch only once it handles tensors (LoadedModel)
+    import torch
 
 log = logging.getLogger("meshload")
 
@@ -138,18 +140,16 @@ def load(
         )
         phases.mark("connect")
         group = RankGroup(node_of_rank, timeout_s=timeout_s)
-        start_kwargs = dict(
+        group.start(  # the ranks import torch and transformers while the plan is finished
             cpus_per_rank=cpus_per_rank,
             gpus_per_rank=gpus_per_rank,
             num_threads=num_threads,
             placement_timeout_s=placement_timeout_s,
             env=_rank_env(connection),
+            worker_cls=worker_cls,
             worker_options={"zero_copy": zero_copy},
             poll=planning.raise_if_failed,
         )
-        if worker_cls is not None:
-            start_kwargs["worker_cls"] = worker_cls
-        group.start(**start_kwargs)  # the ranks import torch and transformers while the plan is finished
         phases.mark("start ranks")
         load_plan = planning.result()
         phases.mark("plan")

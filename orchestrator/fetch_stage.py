@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from orchestrator.progress import NodeProgress
 from orchestrator.rank_group import RankGroup, RankTimeout, group_errors
 from planning.errors import MeshloadError
 from planning.hub_index import hub_endpoint, hub_offline
 from planning.plan import LoadPlan
-from workers.fetcher import FetchOptions, NodeFetcher, NodeFetchOutcome
+
+if TYPE_CHECKING:  # imported by a Hub fetch only: a local load's driver does without numpy
+    from workers.fetcher import NodeFetchOutcome
 
 POLL_S = 0.5
 CALL_TIMEOUT_S = 30.0
@@ -104,6 +107,8 @@ def fetch_for_ranks(
     """
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from workers.fetcher import FetchOptions, NodeFetcher
 
     if plan.model.kind != "hub":
         raise ValueError(f"fetch_for_ranks: {plan.model.source} is a {plan.model.kind} checkpoint, not a Hub one")

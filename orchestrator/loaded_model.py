@@ -10,16 +10,19 @@ state, so it shuts the model down before raising. Leaving
 its ``with`` block — normally or by an exception — or calling ``shutdown()`` kills every actor,
 removes the placement group and, if the load started an embedded Ray cluster, stops it.
 
-Runs on the driver.
+Runs on the driver. torch is imported by the methods that handle tensors, not before: a driver's load
+starts its ranks without paying for torch's import (the ranks import it themselves).
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from planning.plan import LoadPlan
-from workers.assemble import assemble_state_dict
 from workers.report import RankReport
+
+if TYPE_CHECKING:
+    import torch
 
 
 class LoadedModel:
@@ -40,6 +43,8 @@ class LoadedModel:
     # -- state ---------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor reassembled on the driver; keys and values as transformers' own ``state_dict()``."""
+        from workers.assemble import assemble_state_dict
+
         self._require_live()
         locals_ = self._group.call("local_state")
         return assemble_state_dict(self.plan, dict(enumerate(locals_)))
@@ -84,6 +89,8 @@ class LoadedModel:
 
     @staticmethod
     def _check_ids(input_ids) -> torch.Tensor:
+        import torch
+
         ids = torch.as_tensor(input_ids)
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
@@ -110,6 +117,8 @@ class LoadedModel:
         Returns the prompt followed by the generated tokens. Sequences that produce an end-of-sequence
         token are padded from then on; generation stops early when every sequence has ended.
         """
+        import torch
+
         ids = self._check_ids(input_ids)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")

@@ -66,7 +66,7 @@ def materialize(
     def poll(of: list[int] | None = None) -> None:
         """Update the bar from the given ranks (once they have finished), else from every rank still loading."""
         targets = of if of is not None else [r for r in ranks if state[r] == "new"]
-        refs = {r: group.actors[r].get_progress.remote() for r in targets}
+        refs = group.submit("get_progress", ranks=targets)
         for r, ref in refs.items():
             try:
                 done_bytes[r] = ray.get(ref, timeout=10)
@@ -118,7 +118,7 @@ def materialize(
             if receivers:
                 refs = {}
                 for to in receivers:
-                    refs[to] = tuple(group.actors[s].tied_for.remote(to) for s in sorted(set(senders_of[to])))
+                    refs[to] = tuple(group.submit("tied_for", to, ranks=sorted(set(senders_of[to]))).values())
                 # Object refs as top-level arguments: Ray moves each tensor node to node, not via the driver.
                 results, errors = group.call_each(
                     "receive_tied", per_rank_args=[refs[to] for to in receivers], ranks=receivers

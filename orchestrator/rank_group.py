@@ -1,7 +1,8 @@
 """The rank actors of one load: start them in the placement group, call them, restart them, stop them.
 
-The worker class is a plain class (``workers.rank_worker.RankWorker``); here it becomes a Ray actor
-(threaded, so the driver can poll progress while a load runs). Every call to the ranks waits with a
+The worker class is a plain class (``workers.rank_worker.RankWorker``); here it runs in a Ray actor
+(threaded, so the driver can poll progress while a load runs), hosted by ``workers.rank_host``: the
+driver starts ranks without importing torch, and each method is ``call``-ed by name. Every call to the ranks waits with a
 deadline. ``call`` raises on failure, grouped by message — ``[Rank 0, 1] (node ...): ...`` — keeping
 the type of a user error raised on a rank (a truncated file, say). ``call_each`` instead returns
 what succeeded and what failed, so the load can restart a rank whose actor died (its process was
@@ -21,7 +22,7 @@ from collections.abc import Callable, Sequence
 from orchestrator.placement import PlacementError, bundles_for, create_placement_group, remove
 from planning.errors import MeshloadError
 from planning.plan import LoadPlan
-from workers.rank_worker import RankWorker
+from workers.rank_host import host_class
 
 
 class RankError(MeshloadError, RuntimeError):
@@ -98,7 +99,7 @@ class RankGroup:
         gpus_per_rank: float = 0,
         num_threads: int | None = None,
         env: dict[str, str] | None = None,
-        worker_cls: type = RankWorker,
+        worker_cls: type | None = None,
         worker_options: dict | None = None,
         placement_timeout_s: float = 60.0,
         poll: Callable[[], None] | None = None,
@@ -117,7 +118,7 @@ class RankGroup:
         # Only what a rank cannot set for itself goes through a runtime_env (its own worker pool, so no
         # reuse of idle workers); the thread count is set by the rank (torch.set_num_threads).
         runtime_env = {"env_vars": env} if env else None
-        remote_cls = ray.remote(worker_cls)
+        remote_cls = ray.remote(host_class(worker_cls))
 
         def spawn(rank: int):
             return remote_cls.options(
@@ -129,7 +130,7 @@ class RankGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=self.node_of_rank[rank]
                 ),
-            ).remote(self._plan_ref, rank, num_threads=threads, **(worker_options or {}))
+            ).remote(worker_cls, self._plan_ref, rank, num_threads=threads, **(worker_options or {}))
 
         self._spawn = spawn
         self.actors = [spawn(r) for r in range(len(self.node_of_rank))]
@@ -192,7 +193,7 @@ class RankGroup:
         refs = {}
         for i, rank in enumerate(ranks):
             call_args = per_rank_args[i] if per_rank_args is not None else args
-            refs[rank] = getattr(self.actors[rank], method).remote(*call_args, **kwargs)
+            refs[rank] = self.actors[rank].call.remote(method, *call_args, **kwargs)
         return refs
 
     def call(
@@ -270,7 +271,7 @@ class RankGroup:
         """Which of ``ranks`` have no live actor (a ping that fails or does not answer)."""
         import ray
 
-        refs = {r: self.actors[r].where.remote() for r in ranks}
+        refs = self.submit("where", ranks=ranks)
         dead = set()
         for r, ref in refs.items():
             try:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from planning.checkpoint import CheckpointIndex, build_local_index, find_checkpoint
 from planning.conversions import build_source_map
@@ -30,6 +29,9 @@ from planning.skeleton import (
     parse_dtype,
 )
 from planning.tp_plans import check_user_plan, effective_plan
+
+if TYPE_CHECKING:
+    import torch
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DEVICES = ("cpu", "cuda")

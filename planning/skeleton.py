@@ -8,7 +8,9 @@ groups transformers declares (``_tied_weights_keys`` + ``tie_word_embeddings``),
 layout and the repeated-layer list that pipeline stages split.
 
 Runs on the driver (planning) and on every rank (the same meta model is the starting point of the
-rank's local model), so both see exactly the same module tree.
+rank's local model), so both see exactly the same module tree. torch is imported by the functions that
+use it: the plain-data classes here are part of a ``LoadPlan``, which a driver reusing a cached plan
+handles without importing torch.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import importlib.util
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from planning.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 _BUILD_LOCK = threading.Lock()
 
@@ -77,6 +80,8 @@ class Skeleton:
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     value = getattr(torch, str(dtype).removeprefix("torch."), None)
@@ -159,6 +164,8 @@ def build_meta_model(
     ``attn_implementation`` must be one transformers can set up without importing a kernel
     ("sdpa" or "eager"); flash attention is switched on later, on the workers.
     """
+    import torch
+
     cls = model_class_for(config, model_class, source=source)
     check_config(config, source=source)
     try:
@@ -186,6 +193,8 @@ def _head_layout(config: Any) -> HeadLayout | None:
 
 def _find_layers(model: torch.nn.Module) -> tuple[str | None, int]:
     """The repeated-layer list: the ModuleList named in the pp plan, else the largest ModuleList."""
+    import torch
+
     modules = dict(model.named_modules())
     for key in getattr(model, "_pp_plan", None) or {}:
         if isinstance(modules.get(key), torch.nn.ModuleList):
@@ -201,6 +210,8 @@ def _find_layers(model: torch.nn.Module) -> tuple[str | None, int]:
 
 def _fp32_overrides(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
     """Module name fragments transformers keeps in float32 for this dtype (``_keep_in_fp32_modules*``)."""
+    import torch
+
     keep: list[str] = []
     if dtype == torch.float16:
         keep += list(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -211,6 +222,8 @@ def _fp32_overrides(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
 
 def describe(model: torch.nn.Module, *, dtype: torch.dtype) -> Skeleton:
     """Read a meta model into a ``Skeleton`` (plain data)."""
+    import torch
+
     modules = dict(model.named_modules())
     keep_fp32 = _fp32_overrides(model, dtype)
     fp32_re = re.compile("|".join(rf"(^|\.){re.escape(k)}(\.|$)" for k in keep_fp32)) if keep_fp32 else None

@@ -89,7 +89,7 @@ def test_a_folder_that_cannot_be_written_is_not_fatal(ckpt, tmp_path, caplog):
     assert f"the plan cannot be cached in {blocker / 'plans'}" in caplog.text
 
 
-def test_a_new_driver_reuses_the_plan_and_skips_transformers(ray_cluster, ckpt, tmp_path, monkeypatch):
+def test_a_new_driver_reuses_the_plan_and_imports_neither_torch_nor_transformers(ray_cluster, ckpt, tmp_path, monkeypatch):
     path, oracle = ckpt
     cache = tmp_path / "plans"
     with orchestrator.load(path, tp=2, nodes=2, progress=False, plan_cache=str(cache)) as m:
@@ -104,19 +104,25 @@ def test_a_new_driver_reuses_the_plan_and_skips_transformers(ray_cluster, ckpt, 
     with orchestrator.load(path, tp=2, nodes=2, progress=False, plan_cache=str(cache)) as m:
         assert m.plan_cached and m.plan.to_json() == first
         checkpoints.assert_state_equal(m.full_state_dict(), oracle)
-    # a new driver process: the plan comes from the cache, transformers' model code is never imported
+    # A new driver process: the plan comes from the cache, so until the model is ready neither torch nor
+    # transformers is imported on the driver (the ranks import them); torch comes with the first tensors.
     script = f"""
 import json, sys
 import orchestrator
+heavy = lambda: sorted(n for n in sys.modules if n.split(".")[0] in ("torch", "transformers", "numpy"))
 with orchestrator.load({path!r}, tp=2, nodes=2, progress=False, plan_cache={str(cache)!r}) as m:
-    print("RESULT " + json.dumps([m.plan_cached, m.plan.to_json() == {first!r}, sorted(
-        n for n in sys.modules if n.startswith("transformers"))]))
+    at_ready = heavy()
+    tokens = m.generate({checkpoints.PROMPT.tolist()!r}, max_new_tokens=3).tolist()
+    print("RESULT " + json.dumps([m.plan_cached, m.plan.to_json() == {first!r}, at_ready, tokens,
+                                  "transformers" in sys.modules]))
 """
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.split("RESULT ", 1)[1])
-    assert result == [True, True, []]
+    cached, same_plan, at_ready, tokens, transformers_imported = json.loads(out.stdout.split("RESULT ", 1)[1])
+    assert (cached, same_plan, at_ready, transformers_imported) == (True, True, [], False)
+    _, want = checkpoints.expected_outputs(checkpoints.reference(path), max_new_tokens=3)
+    assert tokens == want.tolist()
     assert wait_until_clean() == ([], [])
 
 

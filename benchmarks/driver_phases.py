@@ -5,8 +5,8 @@ against a running cluster, a few times::
 
     python -m benchmarks.driver_phases CHECKPOINT --address HOST:PORT --tp 2 --nodes 2 --repeats 3 [--plan-cache DIR]
 
-Each run prints seconds since the process started at each step and ``LoadedModel.timings``, and when
-torch's import, which the driver leaves until it handles tensors, ends after ready. Every run
+Each run prints seconds since the process started at each step and ``LoadedModel.timings``, the driver's
+peak RSS at ready, and when torch's import, which the driver leaves until it handles tensors, ends after ready. Every run
 plans unless ``--plan-cache DIR`` is given (then the first run fills it and the next ones reuse it).
 """
 
@@ -19,7 +19,7 @@ import time
 
 
 def one_run(args) -> None:
-    from workers.report import process_age_s
+    from workers.report import peak_rss_bytes, process_age_s
 
     marks = {}
     import orchestrator
@@ -32,6 +32,7 @@ def one_run(args) -> None:
     with orchestrator.load(args.checkpoint, tp=args.tp, pp=args.pp, nodes=args.nodes, dtype=args.dtype, progress=False,
                            plan_cache=args.plan_cache or False) as m:
         marks["ready"] = process_age_s()
+        driver_rss = peak_rss_bytes() / 2**20
         steps = ", ".join(f"{k} {v:.2f}" for k, v in m.timings.items())
         cached = " (plan cached)" if m.plan_cached else ""
         # the driver imports torch with its first tensors (logits, generate), after the ranks are ready
@@ -39,7 +40,8 @@ def one_run(args) -> None:
         import torch  # noqa: F401
 
         marks["torch imported" + (" (already)" if had_torch else "")] = process_age_s()
-    print(" | ".join(f"{k} at {v:.2f} s" for k, v in marks.items()) + f" || load(){cached}: {steps}", flush=True)
+    print(" | ".join(f"{k} at {v:.2f} s" for k, v in marks.items()) + f" | driver peak RSS at ready {driver_rss:.0f} MiB"
+          f" || load(){cached}: {steps}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,9 +5,10 @@ against a running cluster, a few times::
 
     python -m benchmarks.driver_phases CHECKPOINT --address HOST:PORT --tp 2 --nodes 2 --repeats 3 [--plan-cache DIR]
 
-Each run prints seconds since the process started at each step and ``LoadedModel.timings``, the driver's
-peak RSS at ready, and when torch's import, which the driver leaves until it handles tensors, ends after ready. Every run
-plans unless ``--plan-cache DIR`` is given (then the first run fills it and the next ones reuse it).
+Each run prints seconds since the process started at each step and ``LoadedModel.timings``, the
+driver's peak RSS at ready, and when torch's import (which the driver leaves until it handles tensors)
+ends after ready. Every run plans unless ``--plan-cache DIR`` is given (then the first run fills it and
+the next ones reuse it).
 """
 
 from __future__ import annotations

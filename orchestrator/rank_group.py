@@ -3,8 +3,8 @@
 The worker class is a plain class (``workers.rank_worker.RankWorker``); here it runs in a Ray actor
 (threaded, so the driver can poll progress while a load runs) hosted by ``workers.rank_host``, so the
 driver starts ranks without importing torch; its methods are called by name. Every call to the ranks
-waits with a deadline. ``call`` raises on failure, grouped by message — ``[Rank 0, 1] (node ...): ...`` — keeping
-the type of a user error raised on a rank (a truncated file, say). ``call_each`` instead returns
+waits with a deadline. ``call`` raises on failure, grouped by message — ``[Rank 0, 1] (node ...):
+...`` — keeping the type of a user error raised on a rank (a truncated file, say). ``call_each`` instead returns
 what succeeded and what failed, so the load can restart a rank whose actor died (its process was
 killed, or its node was lost: Ray re-places the node's bundle if the cluster has room) and go on.
 

@@ -1,6 +1,7 @@
 """The plan cache: a driver loading a checkpoint it (or another driver) loaded before, the same way,
-reuses the stored plan instead of planning, and so never imports transformers' model code; anything
-that changes the plan (config, headers, options, the planning code) is a different key."""
+reuses the stored plan instead of planning, and so imports neither transformers nor torch before the
+model is ready; anything that changes the plan (config, headers, options, the planning code) is a
+different key."""
 
 from __future__ import annotations
 

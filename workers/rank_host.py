@@ -14,6 +14,8 @@ Runs on the driver (the class) and in each rank's process (the instance).
 
 from __future__ import annotations
 
+from functools import cache
+
 
 class RankHost:
     """Holds one rank's worker: ``worker_cls`` (default ``workers.rank_worker.RankWorker``) built with
@@ -28,8 +30,10 @@ class RankHost:
         return getattr(self.worker, method)(*args, **kwargs)
 
 
+@cache
 def host_class(worker_cls: type | None) -> type:
     """A ``RankHost`` subclass named after the worker class, so Ray's actor list shows ``RankWorker``
-    (or a test's fault worker) rather than the host."""
+    (or a test's fault worker) rather than the host. One per worker class, the same for every load of a
+    driver: Ray sees one actor class, not a new one each time."""
     name = "RankWorker" if worker_cls is None else worker_cls.__qualname__
     return type(name.rsplit(".", 1)[-1], (RankHost,), {"__qualname__": name, "__module__": __name__})

@@ -1,4 +1,4 @@
-"""One rank of a load: a plain class that the orchestrator turns into a Ray actor.
+"""One rank of a load: a plain class that runs inside a rank's Ray actor (``workers.rank_host``).
 
 Lifecycle, each step a method the driver calls (with a timeout):
 

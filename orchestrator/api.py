@@ -28,7 +28,9 @@ from orchestrator.materialize import materialize
 from orchestrator.rank_group import RankGroup
 from planning.plan import LoadPlan, node_blocks
 from planning.plan_cache import PlanCache, plan_key
-from planning.planner import check_options, check_topology, make_plan, resolve_model
+from planning.plan_check import check_plan_matches
+from planning.planner import check_options, check_topology, make_plan, resolve_model, resolve_plan_checkpoint
+from planning.validate import validate_plan
 
 if TYPE_CHECKING:  # the driver imports torch only once it handles tensors (LoadedModel)
     import torch
@@ -121,6 +123,7 @@ def load(
     """
     phases = PhaseClock()
     if isinstance(model, LoadPlan):
+        _check_given_plan(model, plan_options)
         planning = _Planning.done(model)
         nodes, device = model.num_nodes, model.device
         node_of_rank = [r.node for r in model.ranks]
@@ -187,6 +190,17 @@ def load(
         raise
 
 
+def _check_given_plan(plan: LoadPlan, plan_options: dict) -> None:
+    """A plan passed in (made earlier, maybe read from a file) is checked against its checkpoint as it is
+    now — its names, then its files and reads — before anything starts (``planning.plan_check``)."""
+    validate_plan(plan)
+    resolved = resolve_plan_checkpoint(
+        plan, cache_dir=plan_options.get("cache_dir"), token=plan_options.get("token"),
+        allow_pickle=plan_options.get("allow_pickle", False),
+    )
+    check_plan_matches(plan, resolved)
+
+
 class _Planning:
     """``make_plan`` running on a background thread while the driver connects and starts the ranks.
 
@@ -218,8 +232,9 @@ class _Planning:
         if plan_cache is not False:
             cache = PlanCache(None if plan_cache is True else plan_cache)
             key_options = {k: v for k, v in plan_options.items() if k not in ("token", "cache_dir")}
-            key = plan_key(resolved, dict(tp=tp, pp=pp, nodes=nodes, device=device, **key_options))
-            cached = cache.get(key)
+            options = dict(tp=tp, pp=pp, nodes=nodes, device=device, **key_options)
+            key = plan_key(resolved, options)
+            cached = cache.get(key, check=lambda entry: check_plan_matches(entry, resolved, options=options))
             if cached is not None:
                 log.info("meshload: plan reused from %s", cache.path(key))
                 return cls.done(cached, cached=True)

@@ -16,6 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from planning.confinement import confined_path
 from planning.errors import CheckpointError
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE, SafetensorsHeader, read_header
 
@@ -47,12 +48,17 @@ class TensorEntry:
 
 @dataclass(frozen=True, slots=True)
 class CheckpointFile:
-    """One file of the checkpoint. ``sha256`` is known for Hub files (LFS metadata), else None."""
+    """One file of the checkpoint. ``sha256`` is known for Hub files (LFS metadata), else None;
+    ``git_sha1`` for Hub files kept in git rather than LFS (their git blob id); ``header_sha256``
+    (safetensors files) is the sha256 of the file's first ``header_size`` bytes: every node checks its
+    copy against it before reading (``workers.node_files``)."""
 
     name: str
     size: int
     header_size: int
     sha256: str | None = None
+    header_sha256: str | None = None
+    git_sha1: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,20 +89,9 @@ class CheckpointIndex:
         return max(by_dtype, key=by_dtype.get) if by_dtype else None
 
 
-def confined_path(root: str, relative: str, *, what: str) -> str:
-    """Join ``relative`` under ``root`` and refuse anything that escapes it (absolute paths, ``..``, links)."""
-    if os.path.isabs(relative) or relative.startswith(("/", "\\")):
-        raise CheckpointError(f"{what}: file name {relative!r} is absolute; checkpoint files must be inside {root}")
-    real_root = os.path.realpath(root)
-    joined = os.path.realpath(os.path.join(real_root, relative))
-    if os.path.commonpath([real_root, joined]) != real_root:
-        raise CheckpointError(f"{what}: file name {relative!r} escapes the checkpoint folder {root}")
-    return joined
-
-
 def index_from_headers(
     root: str | None, headers: dict[str, SafetensorsHeader], *, weight_map: dict[str, str] | None = None,
-    sha256: dict[str, str] | None = None, index_name: str = SAFE_INDEX,
+    sha256: dict[str, str] | None = None, git_sha1: dict[str, str] | None = None, index_name: str = SAFE_INDEX,
 ) -> CheckpointIndex:
     """Combine per-file headers (and the sharded index's weight map, if any) into one index.
 
@@ -122,7 +117,10 @@ def index_from_headers(
         if stray:
             raise CheckpointError(f"{index_name} does not list {len(stray)} tensor(s) found in the shards: {stray[:10]}")
     files = tuple(
-        CheckpointFile(name=f, size=h.file_size, header_size=h.header_size, sha256=(sha256 or {}).get(f))
+        CheckpointFile(
+            name=f, size=h.file_size, header_size=h.header_size, sha256=(sha256 or {}).get(f), header_sha256=h.sha256,
+            git_sha1=(git_sha1 or {}).get(f),
+        )
         for f, h in sorted(headers.items())
     )
     return CheckpointIndex(root=root, files=files, tensors=tensors)
@@ -195,7 +193,7 @@ def build_local_index(path: str, *, allow_pickle: bool = False) -> CheckpointInd
         file = confined_path(root, entry, what=root)
         headers = {entry: read_header(file, display_name=entry)}
         return index_from_headers(root, headers)
-    weight_map = load_weight_map(os.path.join(root, entry))
+    weight_map = load_weight_map(confined_path(root, entry, what=root))
     headers = {}
     for fname in sorted(set(weight_map.values())):
         file = confined_path(root, fname, what=f"{entry}")

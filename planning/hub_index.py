@@ -29,14 +29,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from planning import hub_cache
 from planning.checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, index_from_headers
+from planning.confinement import COMMIT_RE, check_commit, check_git_sha1, check_relative_name, check_repo_id, check_sha256
 from planning.errors import CheckpointError, ConfigError
 from planning.planner import ResolvedModel
-from planning.safetensors_header import SafetensorsHeader, header_length, parse_header, read_header
+from planning.safetensors_header import SafetensorsHeader, header_digest, header_length, parse_header, read_header
 
 try:  # huggingface_hub ≥ 2 speaks httpx2; 1.x spoke httpx
     import httpx2 as httpx
@@ -127,7 +130,8 @@ def _retrying(fn, *, repo_id: str, revision: str, what: str, attempts: int = HEA
         except CheckpointError:
             raise
         except Exception as exc:  # noqa: BLE001 - translated below
-            if attempt + 1 < attempts and transient_error(exc):
+            # a connection refused has been retried by huggingface_hub already: the Hub is not there
+            if attempt + 1 < attempts and transient_error(exc) and not _unreachable(exc):
                 time.sleep(min(8.0, base_s * 2**attempt))
                 continue
             raise describe_hub_error(exc, repo_id=repo_id, revision=revision, what=what) from exc
@@ -226,11 +230,43 @@ def _weight_map(data: dict, *, what: str) -> dict[str, str]:
 def resolve_hub_model(
     repo_id: str, *, revision: str | None = None, cache_dir: str | None = None, token: str | bool | None = None
 ) -> ResolvedModel:
-    """Locate and index Hub repo ``repo_id`` at ``revision`` (see module docstring); headers only."""
+    """Locate and index Hub repo ``repo_id`` at ``revision`` (see module docstring); headers only.
+
+    When the Hub cannot be reached at all (no connection, not an HTTP error) and the local cache holds
+    the repo at that revision, it is planned from the cache, as offline mode would, with a warning —
+    as ``transformers`` falls back to its cache.
+    """
+    check_repo_id(repo_id, where=repo_id)
+    if revision is not None and not COMMIT_RE.fullmatch(revision):
+        check_relative_name(revision, where=f"{repo_id}: revision")  # a branch or tag: a path under refs/
     root = hub_cache.cache_root(cache_dir)
     if hub_offline():
         return _resolve_offline(repo_id, revision=revision, root=root)
-    return _resolve_online(repo_id, revision=revision, root=root, token=token)
+    try:
+        return _resolve_online(repo_id, revision=revision, root=root, token=token)
+    except CheckpointError as exc:
+        if not _unreachable(exc):
+            raise
+        try:
+            resolved = _resolve_offline(repo_id, revision=revision, root=root)
+        except CheckpointError:
+            raise exc from exc.__cause__
+        log.warning("meshload: the Hub at %s cannot be reached (%s); %s@%s planned from the local cache %s",
+                    hub_endpoint(), exc, repo_id, resolved.revision[:12], root)
+        return resolved
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The Hub could not be reached at all: a connection error (or timeout) in the cause chain, no HTTP answer."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if http_status(exc) is not None:
+            return False
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _resolve_online(repo_id: str, *, revision: str | None, root: str, token) -> ResolvedModel:
@@ -241,12 +277,11 @@ def _resolve_online(repo_id: str, *, revision: str | None, root: str, token) -> 
     endpoint = hub_endpoint()
     api = HfApi(endpoint=endpoint, token=token)
     rev = revision or "main"
-    commit = str(
-        _retrying(
-            lambda: api.resolve_revision(repo_id, revision=revision, cache_dir=root, token=token).resolved,
-            repo_id=repo_id, revision=rev, what="resolving the revision",
-        )
+    commit = _retrying(
+        lambda: api.resolve_revision(repo_id, revision=revision, cache_dir=root, token=token).resolved,
+        repo_id=repo_id, revision=rev, what="resolving the revision",
     )
+    check_commit(commit, where=f"{repo_id}@{rev}: the Hub at {endpoint} answered a commit that")
     where = f"{repo_id}@{commit[:12]}"
     listing = {
         e.path: e
@@ -298,11 +333,16 @@ def _resolve_online(repo_id: str, *, revision: str | None, root: str, token) -> 
 
     with ThreadPoolExecutor(max_workers=min(HEADER_FETCH_WORKERS, len(files))) as pool:
         fetched = dict(zip(files, pool.map(header_of, files)))
-    headers = {name: header for name, (header, _) in fetched.items()}
+    headers = {name: replace(header, sha256=header_digest(raw)) for name, (header, raw) in fetched.items()}
     sha256 = {f: listing[f].lfs.sha256 for f in files if listing[f].lfs is not None}
+    for f, value in sha256.items():
+        check_sha256(value, where=f"{where}/{f}: the Hub's listing at {endpoint}")
+    git_sha1 = {f: listing[f].blob_id for f in files if listing[f].lfs is None and listing[f].blob_id}
+    for f, value in git_sha1.items():  # a file kept in git, not LFS: its git blob id is its checksum
+        check_git_sha1(value, where=f"{where}/{f}: the Hub's listing at {endpoint}")
     for name, (header, raw) in fetched.items():
         _keep_header(root, repo_id, commit, name, size=header.file_size, sha256=sha256.get(name), raw=raw)
-    index = index_from_headers(None, headers, weight_map=weight_map, sha256=sha256, index_name=entry)
+    index = index_from_headers(None, headers, weight_map=weight_map, sha256=sha256, git_sha1=git_sha1, index_name=entry)
     return ResolvedModel(ref_source=repo_id, kind="hub", root=None, revision=commit, config_dict=config_dict, index=index)
 
 
@@ -352,7 +392,8 @@ def _partial_header(root: str, repo_id: str, commit: str, name: str) -> tuple[Sa
         if manifest.missing([(0, 8 + n)]):
             return None
         body = f.read(n)
-    return parse_header(body, file=name, file_size=size), manifest.sha256
+    header = parse_header(body, file=name, file_size=size)
+    return replace(header, sha256=header_digest(struct.pack("<Q", n) + body)), manifest
 
 
 def _resolve_offline(repo_id: str, *, revision: str | None, root: str) -> ResolvedModel:
@@ -386,26 +427,28 @@ def _resolve_offline(repo_id: str, *, revision: str | None, root: str) -> Resolv
             files = sorted(set(weight_map.values()))
     elif kind == "single":
         files = [entry]
-    headers, sha256 = {}, {}
+    headers, sha256, git_sha1 = {}, {}, {}
     for name in files:
         path = hub_cache.complete_file(root, repo_id, commit=commit, filename=name)
-        if path is not None:
+        if path is not None:  # huggingface_hub names a blob by its sha256 (LFS) or git blob id: what the Hub listed
             headers[name] = read_header(path, display_name=name)
-            if (sha := hub_cache.blob_sha256(path)) is not None:
-                sha256[name] = sha
+            blob = os.path.basename(os.path.realpath(path))
+            (sha256 if len(blob) == 64 else git_sha1)[name] = blob
             continue
         partial = _partial_header(root, repo_id, commit, name)
         if partial is None:
             missing.append(f"{name} (not even its header)")
             continue
-        headers[name], sha = partial
-        if sha is not None:
-            sha256[name] = sha
+        headers[name], manifest = partial
+        if manifest.sha256 is not None:
+            sha256[name] = manifest.sha256
+        if manifest.git_sha1 is not None:
+            git_sha1[name] = manifest.git_sha1
     if missing:
         raise CheckpointError(
             f"{where}: offline mode (HF_HUB_OFFLINE=1) and the local cache {root} lacks {len(missing)} item(s): "
             f"{', '.join(missing)}. Run once online (meshload plan/load without HF_HUB_OFFLINE) or copy the cache."
         )
     config_dict = _load_json(config_path, what=f"{where}/config.json", error=ConfigError)
-    index = index_from_headers(None, headers, weight_map=weight_map, sha256=sha256, index_name=entry)
+    index = index_from_headers(None, headers, weight_map=weight_map, sha256=sha256, git_sha1=git_sha1, index_name=entry)
     return ResolvedModel(ref_source=repo_id, kind="hub", root=None, revision=commit, config_dict=config_dict, index=index)

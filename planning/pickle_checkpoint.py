@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import zipfile
 
-from planning.checkpoint import CheckpointFile, CheckpointIndex, TensorEntry, confined_path, load_weight_map
+from planning.checkpoint import CheckpointFile, CheckpointIndex, TensorEntry, load_weight_map
+from planning.confinement import confined_path
 from planning.errors import CheckpointError
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
 

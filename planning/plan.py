@@ -32,7 +32,7 @@ from planning.source_expr import locate
 from planning.tp_plans import PlanMatcher
 from planning.tp_styles import Shard, shard_for
 
-PLAN_FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2  # 2: files carry header_sha256
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,11 @@ same); a changed header, config or option is a new key. An entry is a plan's JSO
 ``LoadPlan.from_json`` (which validates it); an unreadable entry is reported, replaced, and never
 fatal, as is a folder that cannot be written.
 
+An entry is a file anyone who can write the folder could have put there, so it is trusted no more
+than a plan file: one not owned by this user, or reached through a symlink, is ignored; one that does
+not match the checkpoint as resolved now (``get(check=...)``, ``planning.plan_check``) is reported,
+removed and planned again. Entries are written private (0600, in a folder created 0700), atomically.
+
 Folder: ``load(plan_cache=...)``, else ``$MESHLOAD_PLAN_CACHE``, else ``$XDG_CACHE_HOME/meshload/plans``
 (``~/.cache/meshload/plans``). Entries are small (a 1.1B Llama at tp=2: ~230 KB); the folder keeps the
 ``MAX_ENTRIES`` most recently used (a hit refreshes an entry), and may be deleted at any time.
@@ -70,7 +75,7 @@ def plan_key(resolved, options: dict) -> str:
         "model": [resolved.kind, str(resolved.ref_source), resolved.root, resolved.revision],
         "config": resolved.config_dict,
         "format": index.format,
-        "files": [[f.name, f.size, f.header_size, f.sha256] for f in index.files],
+        "files": [[f.name, f.size, f.header_size, f.sha256, f.header_sha256, f.git_sha1] for f in index.files],
         "tensors": [[t.name, t.file, t.dtype, list(t.shape), t.start, t.end] for t in index.tensors.values()],
         "options": {k: options[k] for k in sorted(options)},
     }
@@ -89,20 +94,34 @@ class PlanCache:
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.json"
 
-    def get(self, key: str):
-        """The cached plan, or None (absent, or unreadable: then it is reported and removed)."""
+    def get(self, key: str, *, check=None):
+        """The cached plan, or None (absent; unreadable, or refused by ``check(plan)``: then it is reported
+        and removed; not this user's: reported and left alone)."""
         from planning.plan import LoadPlan
 
         path = self.path(key)
         try:
-            text = path.read_text(encoding="utf-8")
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
         except OSError as exc:
             log.warning("meshload: plan cache entry %s cannot be read (%s); planning again", path, exc)
             return None
         try:
+            with os.fdopen(fd, "r", encoding="utf-8") as f:
+                owner = os.fstat(f.fileno()).st_uid
+                if owner != os.getuid():
+                    log.warning("meshload: plan cache entry %s belongs to uid %d, not to you; ignored, planning again",
+                                path, owner)
+                    return None
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("meshload: plan cache entry %s cannot be read (%s); planning again", path, exc)
+            return None
+        try:
             plan = LoadPlan.from_json(text)
+            if check is not None:
+                check(plan)
         except Exception as exc:  # noqa: BLE001 - whatever is wrong with an entry, planning again fixes it
             log.warning("meshload: plan cache entry %s is not a valid plan (%s); planning again", path, exc)
             try:
@@ -120,7 +139,7 @@ class PlanCache:
         """Store ``plan`` under ``key`` (atomically: a reader sees the old entry or the whole new one)."""
         path = self.path(key)
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{key[:16]}.", suffix=".tmp")
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:

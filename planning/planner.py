@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from planning.checkpoint import CheckpointIndex, build_local_index, find_checkpoint
+from planning.confinement import confined_path
 from planning.conversions import build_source_map
-from planning.errors import ConfigError, PlanError
+from planning.errors import CheckpointError, ConfigError, PlanError
 from planning.pipeline import assign_stages
 from planning.plan import LoadPlan, ModelRef, PlanInputs, build_plan, node_blocks, rank_budgets
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
@@ -61,9 +62,9 @@ def resolve_model(
     path = os.fspath(model)
     if os.path.exists(path):
         root, _, _ = find_checkpoint(path)
-        config_path = os.path.join(root, "config.json")
-        if not os.path.isfile(config_path):
+        if not os.path.isfile(os.path.join(root, "config.json")):
             raise ConfigError(f"{root}: no config.json next to the checkpoint")
+        config_path = confined_path(root, "config.json", what=root)
         try:
             with open(config_path, encoding="utf-8") as f:
                 config_dict = json.load(f)
@@ -76,6 +77,33 @@ def resolve_model(
     from planning.hub_index import resolve_hub_model
 
     return resolve_hub_model(path, revision=revision, cache_dir=cache_dir, token=token)
+
+
+def resolve_plan_checkpoint(
+    plan: LoadPlan, *, cache_dir: str | None = None, token: str | bool | None = None, allow_pickle: bool = False
+) -> ResolvedModel:
+    """The checkpoint ``plan`` names, resolved now (headers read again) so that the plan can be checked
+    against it (``planning.plan_check``) before anything runs. A local plan is resolved from its folder
+    (through the path it was planned from, when that still leads to the same folder); a Hub plan at its
+    commit. A pickle checkpoint needs ``allow_pickle`` here too."""
+    m = plan.model
+    if m.kind == "hub":
+        return resolve_model(m.source, revision=m.revision, cache_dir=cache_dir, token=token)
+    if m.checkpoint_format == "pickle" and not allow_pickle:
+        raise CheckpointError(
+            f"the plan of {m.source!r} reads a pickle checkpoint in {m.root}; pass allow_pickle=True to load it "
+            f"(it is read with torch.load(weights_only=True))"
+        )
+    source = m.root
+    try:
+        if os.path.exists(m.source) and find_checkpoint(m.source)[0] == m.root:
+            source = m.source  # e.g. a single .safetensors file next to others
+    except CheckpointError:
+        pass
+    try:
+        return resolve_model(source, allow_pickle=allow_pickle)
+    except (CheckpointError, ConfigError) as exc:
+        raise type(exc)(f"the plan names the checkpoint folder {m.root}, which cannot be resolved: {exc}") from None
 
 
 def resolve_dtype(dtype: str | torch.dtype, config, index: CheckpointIndex) -> torch.dtype:

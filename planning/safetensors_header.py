@@ -11,11 +11,12 @@ Runs on the driver (planning) and, for Hub checkpoints, on bytes fetched with an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planning.errors import CheckpointError
 
@@ -72,6 +73,12 @@ class SafetensorsHeader:
     header_size: int  # 8 + N: bytes before the data section
     metadata: dict[str, str]
     tensors: tuple[HeaderTensor, ...]
+    sha256: str | None = None  # of the header's bytes (the first ``header_size`` bytes of the file), when read
+
+
+def header_digest(raw: bytes) -> str:
+    """The sha256 of a header's bytes (prefix and JSON): what identifies a file's layout in a plan."""
+    return hashlib.sha256(raw).hexdigest()
 
 
 def header_length(prefix: bytes, *, file: str, file_size: int) -> int:
@@ -181,4 +188,5 @@ def read_header(path: str, *, display_name: str | None = None) -> SafetensorsHea
         raise CheckpointError(f"{name}: file not found") from None
     if len(header_json) != n:
         raise CheckpointError(f"{name}: header claims {n} bytes but only {len(header_json)} could be read")
-    return parse_header(header_json, file=name, file_size=file_size)
+    header = parse_header(header_json, file=name, file_size=file_size)
+    return replace(header, sha256=header_digest(struct.pack("<Q", n) + header_json))

@@ -6,18 +6,25 @@
   number of times (once, or ``tp // num_kv_heads`` times for replicated KV heads); every model tensor
   is held by every rank of exactly one stage (plus tie copies).
 - Ties: every ``receive_from`` has a matching send; every ``alias_of`` names a parameter of the rank.
-- Budgets respected; every node fetches every byte its ranks read.
+- Budgets respected; every node fetches every byte its ranks read, and only files of the plan.
+- Names: the checkpoint's location (an absolute folder, or a Hub repo id and a commit sha), every file
+  name (plain relative paths), every sha256 — as ``planning.confinement`` allows them. Whether the
+  files are those of the checkpoint on disk is ``planning.plan_check``'s part.
 
 Failures are bugs in planning (or a tampered plan file), reported as ``PlanError`` with the rank and
-tensor. Pure; runs on the driver after ``build_plan`` and after reading a plan from JSON.
+tensor. Pure; runs on the driver after ``build_plan`` and after reading a plan from JSON, and on every
+node that executes a plan (its fetcher).
 """
 
 from __future__ import annotations
 
 import math
 
+import os
+
 from planning.boxes import Box, box_numel, in_bounds, replace_dim
-from planning.errors import PlanError
+from planning.confinement import check_commit, check_git_sha1, check_relative_name, check_repo_id, check_sha256
+from planning.errors import CheckpointError, PlanError
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
 from planning.source_expr import Fragment, covers
 
@@ -31,6 +38,7 @@ def _held_box(param) -> Box:
 
 
 def validate_plan(plan) -> None:
+    validate_names(plan)
     files = {f.name: f for f in plan.files}
     if len(plan.ranks) != plan.tp * plan.pp:
         raise PlanError(f"plan has {len(plan.ranks)} ranks, expected tp×pp = {plan.tp}×{plan.pp}")
@@ -42,6 +50,44 @@ def validate_plan(plan) -> None:
     _validate_ties(plan)
     _validate_coverage(plan)
     _validate_fetch(plan)
+
+
+def validate_names(plan) -> None:
+    """Every name and hash in ``plan`` that ends up in a path, checked against ``planning.confinement``."""
+    m = plan.model
+    try:
+        if m.kind == "hub":
+            check_repo_id(m.source, where="plan")
+            check_commit(m.revision, where=f"plan of {m.source}")
+            if m.root is not None:
+                raise PlanError(f"plan of Hub repo {m.source} names a local folder {m.root!r}")
+        elif m.kind == "local":
+            if not isinstance(m.root, str) or not os.path.isabs(m.root) or os.path.normpath(m.root) != m.root:
+                raise PlanError(f"plan of {m.source!r}: checkpoint folder {m.root!r} is not a normalized absolute path")
+        else:
+            raise PlanError(f"plan: checkpoint kind {m.kind!r}, expected 'local' or 'hub'")
+        if m.checkpoint_format not in ("safetensors", "pickle"):
+            raise PlanError(f"plan: checkpoint format {m.checkpoint_format!r}, expected 'safetensors' or 'pickle'")
+        seen = set()
+        for f in plan.files:
+            check_relative_name(f.name, where="plan")
+            check_sha256(f.sha256, where=f"plan, {f.name}")
+            check_sha256(f.header_sha256, where=f"plan, {f.name} (header)")
+            check_git_sha1(f.git_sha1, where=f"plan, {f.name}")
+            if f.name in seen:
+                raise PlanError(f"plan lists file {f.name} twice")
+            seen.add(f.name)
+            if not 0 <= f.header_size <= f.size:
+                raise PlanError(f"plan, {f.name}: header of {f.header_size} bytes in a file of {f.size}")
+    except CheckpointError as exc:
+        raise PlanError(str(exc)) from None
+    sizes = {f.name: f.size for f in plan.files}
+    for node in plan.nodes:
+        for ff in node.fetch:
+            if ff.file not in sizes:
+                raise PlanError(f"node {node.node} fetches {ff.file!r}, which is not a file of the checkpoint")
+            if any(not 0 <= a <= b <= sizes[ff.file] for a, b in ff.ranges):
+                raise PlanError(f"node {node.node} fetches bytes outside {ff.file} ({sizes[ff.file]} bytes): {ff.ranges}")
 
 
 def _validate_rank(r, files) -> None:

@@ -16,7 +16,9 @@ huggingface_hub 2.4's ``hf_api.py``/``file_download.py``):
 
 Every request is logged with the body bytes actually sent, so tests can assert what was downloaded.
 Faults (``Fault``): an HTTP status (500...), a body cut short (the connection drops), a slow response,
-a corrupt body of the right length. ``latency_s``/``bandwidth`` throttle responses (benchmarks).
+a corrupt body of the right length. ``latency_s``/``bandwidth`` throttle responses (benchmarks). Lies
+(``HubServer.lie``): a hostile or broken endpoint's answers — a commit that is a path, an LFS sha256
+that is not one. ``add_repo(..., lfs=False)`` serves a repo whose files are all kept in git.
 
 Runs in the test process, on 127.0.0.1; Ray workers of simulated nodes (127.0.0.2+) reach it there.
 """
@@ -52,6 +54,7 @@ class HubRepo:
     folder: str
     commit: str
     files: dict[str, HubFile]
+    lies: dict = field(default_factory=dict)  # what a hostile endpoint answers instead (``HubServer.lie``)
 
 
 @dataclass
@@ -123,8 +126,9 @@ class HubServer:
         self.url = self.cdn_url = ""
 
     # -- set-up ------------------------------------------------------------------------------------
-    def add_repo(self, repo_id: str, folder: str) -> str:
-        """Serve every file under ``folder`` as repo ``repo_id`` (one commit, also reachable as ``main``)."""
+    def add_repo(self, repo_id: str, folder: str, *, lfs: bool = True) -> str:
+        """Serve every file under ``folder`` as repo ``repo_id`` (one commit, also reachable as ``main``);
+        ``lfs=False``: every file kept in git (no LFS metadata, served by the Hub origin itself)."""
         files = {}
         for base, _, names in os.walk(folder):
             for n in names:
@@ -134,13 +138,20 @@ class HubServer:
                     data = f.read()
                 files[name] = HubFile(
                     name=name, path=path, size=len(data), git_sha1=git_blob_sha1(data),
-                    sha256=hashlib.sha256(data).hexdigest(), lfs=name.endswith(LFS_SUFFIXES),
+                    sha256=hashlib.sha256(data).hexdigest(), lfs=lfs and name.endswith(LFS_SUFFIXES),
                 )
         commit = hashlib.sha1(
             (repo_id + "".join(f"{n}:{f.git_sha1}" for n, f in sorted(files.items()))).encode()
         ).hexdigest()
         self.repos[repo_id] = HubRepo(repo_id, folder, commit, files)
         return commit
+
+    def lie(self, repo_id: str, **answers) -> None:
+        """Answer like a hostile or broken endpoint for ``repo_id``: ``commit=`` (the commit of every revision,
+        in model info and ``X-Repo-Commit``), ``sha256={file: value}`` (LFS oids in listings and the
+        ``X-Linked-Etag`` of resolve answers), ``content={file: path}`` (the bytes of another file served
+        for it). ``lie(repo_id)`` tells the truth again."""
+        self.repos[repo_id].lies = dict(answers)
 
     def lfs_path(self, repo_id: str, name: str) -> str:
         """The CDN path serving an LFS file's bytes (what a fault on its download must match)."""
@@ -314,10 +325,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _check_rev(self, repo: HubRepo, rev: str) -> bool:
         return rev in ("main", repo.commit)
 
-    def _entry(self, f: HubFile) -> dict:
+    def _entry(self, repo: HubRepo, f: HubFile) -> dict:
         e = {"type": "file", "oid": f.git_sha1, "size": f.size, "path": f.name}
         if f.lfs:
-            e["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": 134}
+            e["lfs"] = {"oid": repo.lies.get("sha256", {}).get(f.name, f.sha256), "size": f.size, "pointerSize": 134}
         return e
 
     def _hub(self, method: str, path: str, query: str) -> None:
@@ -332,7 +343,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
             if not rest or rest[0] == "revision":
                 siblings = [{"rfilename": n} for n in sorted(repo.files)]
-                return self._json(200, {"id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.commit, "private": False, "siblings": siblings})
+                sha = repo.lies.get("commit", repo.commit)
+                return self._json(200, {"id": repo.repo_id, "modelId": repo.repo_id, "sha": sha, "private": False, "siblings": siblings})
             if rest[0] == "tree" and method == "GET":
                 prefix = "/".join(rest[2:])
                 recursive = parse_qs(query).get("recursive", ["false"])[0].lower() == "true"
@@ -343,11 +355,11 @@ class _Handler(BaseHTTPRequestHandler):
                         continue
                     if "/" in rel and not recursive:
                         continue
-                    out.append(self._entry(f))
+                    out.append(self._entry(repo, f))
                 return self._json(200, out)
             if rest[0] == "paths-info" and method == "POST":
                 wanted = parse_qs(self._body_in.decode()).get("paths", [])
-                return self._json(200, [self._entry(repo.files[p]) for p in wanted if p in repo.files])
+                return self._json(200, [self._entry(repo, repo.files[p]) for p in wanted if p in repo.files])
             return self._error(404, "NotFound", f"no route {path}")
         if len(parts) >= 5 and parts[2] == "resolve" and method in ("HEAD", "GET"):
             repo = self._repo(parts[0], parts[1])
@@ -359,16 +371,17 @@ class _Handler(BaseHTTPRequestHandler):
             f = repo.files.get(name)
             if f is None:
                 return self._error(404, "EntryNotFound", f"{name} does not exist", {"X-Repo-Commit": repo.commit})
+            commit = repo.lies.get("commit", repo.commit)
             if f.lfs:
                 headers = {
                     "Location": f"{self.hub.cdn_url}/lfs/{f.sha256}",
-                    "X-Repo-Commit": repo.commit,
-                    "X-Linked-Etag": f'"{f.sha256}"',
+                    "X-Repo-Commit": commit,
+                    "X-Linked-Etag": f'"{repo.lies.get("sha256", {}).get(f.name, f.sha256)}"',
                     "X-Linked-Size": str(f.size),
                     "ETag": f'"{git_blob_sha1(f.sha256.encode())}"',
                 }
                 return self._send(302, headers, head=method == "HEAD")
-            return self._file(method, f, {"X-Repo-Commit": repo.commit, "ETag": f'"{f.git_sha1}"'})
+            return self._file(method, f, {"X-Repo-Commit": commit, "ETag": f'"{f.git_sha1}"'})
         return self._error(404, "NotFound", f"no route {path}")
 
     # -- the CDN origin --------------------------------------------------------------------------------
@@ -382,7 +395,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _file(self, method: str, f: HubFile, headers: dict[str, str]) -> None:
         headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream", **headers}
         rng = _range(self.headers.get("Range"), f.size)
-        with open(f.path, "rb") as fh:
+        path = next((r.lies["content"][f.name] for r in self.hub.repos.values()
+                     if f in r.files.values() and f.name in r.lies.get("content", {})), f.path)
+        with open(path, "rb") as fh:
             if rng is None:
                 body = fh.read() if method == "GET" else b""
                 if method == "HEAD":

@@ -10,7 +10,9 @@ mid-file, then killed).
 Failures come back grouped like the ranks' (``[Rank 0, 1] (node 127.0.0.2): CheckpointError: ...``).
 
 Where a node caches: the ``cache_dir`` option, else ``$MESHLOAD_CACHE_DIR`` as seen on that node, else
-huggingface_hub's default there. Whole files or byte ranges: ``mode`` (default ``$MESHLOAD_FETCH`` on
+huggingface_hub's default there. A ``token`` given to ``load`` reaches the fetchers through Ray's object
+store (not as an argument: actor arguments sit in Ray's control store); without one each node uses its
+own ``HF_TOKEN`` or stored login. Whole files or byte ranges: ``mode`` (default ``$MESHLOAD_FETCH`` on
 the driver, else ``"ranges"``; see ``workers.fetcher.FetchOptions``). The Hub endpoint is the driver's
 (the plan's commit was resolved there); offline mode on the driver makes every node fetch nothing.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from functools import cache
 from typing import TYPE_CHECKING
 
 from orchestrator.progress import NodeProgress
@@ -108,14 +111,14 @@ def fetch_for_ranks(
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from workers.fetcher import FetchOptions, NodeFetcher
+    from workers.fetcher import FetchOptions
 
     if plan.model.kind != "hub":
         raise ValueError(f"fetch_for_ranks: {plan.model.source} is a {plan.model.kind} checkpoint, not a Hub one")
     options = FetchOptions.from_env(mode=mode, max_gap_bytes=max_gap_bytes)
     deadline = time.monotonic() + (timeout_s or group.timeout_s)
     endpoint, offline = hub_endpoint(), hub_offline()
-    remote_cls = ray.remote(NodeFetcher)
+    remote_cls = ray.remote(_fetcher_class())
     plan_ref = ray.put(plan)
     fetchers = []
     bar = NodeProgress(plan, enabled=progress, verb="fetched")
@@ -130,12 +133,15 @@ def fetch_for_ranks(
                         placement_group=group.pg, placement_group_bundle_index=node.node
                     ),
                 ).remote(
-                    plan_ref, node.node, cache_dir=cache_dir, token=token, endpoint=endpoint,
+                    plan_ref, node.node, cache_dir=cache_dir, endpoint=endpoint,
                     offline=True if offline else None,  # offline on the driver: on every node; else the node's own flag
                     options=options,
                 )
             )
-        outcomes = _wait_all(plan, group, fetchers, bar, deadline)
+        # The token travels through the object store, inside a list so that Ray hands the fetcher the
+        # reference rather than the value: it is in no actor's or task's arguments, nor in Ray's control store.
+        token_box = [ray.put(token)] if isinstance(token, str) else None
+        outcomes = _wait_all(plan, group, fetchers, bar, deadline, token_box=token_box)
     finally:
         bar.close()
         for actor in fetchers:
@@ -146,10 +152,28 @@ def fetch_for_ranks(
     return _result(plan, group, outcomes)
 
 
-def _wait_all(plan: LoadPlan, group: RankGroup, fetchers: list, bar: NodeProgress, deadline: float) -> dict[int, NodeFetchOutcome]:
+@cache
+def _fetcher_class() -> type:
+    """``NodeFetcher`` with ``fetch_with(token_box)``: the token, if any, taken from the object store on the node."""
+    from workers.fetcher import NodeFetcher
+
+    class NodeFetcherActor(NodeFetcher):
+        def fetch_with(self, token_box: list | None):
+            import ray
+
+            token = ray.get(token_box[0], timeout=CALL_TIMEOUT_S) if token_box else None
+            return self.fetch(token=token)
+
+    NodeFetcherActor.__name__ = NodeFetcherActor.__qualname__ = "NodeFetcher"
+    return NodeFetcherActor
+
+
+def _wait_all(
+    plan: LoadPlan, group: RankGroup, fetchers: list, bar: NodeProgress, deadline: float, *, token_box: list | None,
+) -> dict[int, NodeFetchOutcome]:
     import ray
 
-    pending = {f.fetch.remote(): node.node for f, node in zip(fetchers, plan.nodes)}
+    pending = {f.fetch_with.remote(token_box): node.node for f, node in zip(fetchers, plan.nodes)}
     outcomes: dict[int, NodeFetchOutcome] = {}
     errors: dict[int, BaseException] = {}
     last_poll = 0.0

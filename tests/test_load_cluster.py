@@ -66,17 +66,23 @@ def test_exception_inside_with_block_cleans_up(ray_cluster, ckpts):
 def test_file_truncated_after_planning_fails_on_the_rank_cleanly(ray_cluster, ckpts, tmp_path):
     import shutil
 
+    from planning.errors import PlanError
+    from tests.security_workers import TruncatesBeforeReading
+
     src = ckpts[False][0]
     path = str(tmp_path / "ckpt")
     shutil.copytree(src, path)
     plan = orchestrator.plan(path, tp=2, nodes=2)
     victim = max(plan.files, key=lambda f: f.size).name
-    with open(os.path.join(path, victim), "r+b") as f:
-        f.truncate(os.path.getsize(os.path.join(path, victim)) - 200)
+    # truncated where a rank reads it, after the driver checked the plan against the checkpoint
     with pytest.raises(CheckpointError) as err:
+        orchestrator.load(plan, progress=False, worker_cls=TruncatesBeforeReading)
+    assert f"{victim}: " in str(err.value) and "bytes but the plan was made from a copy of" in str(err.value)
+    assert "[Rank " in str(err.value) and "(node 127.0.0." in str(err.value)
+    assert wait_until_clean() == ([], [])
+    # truncated before the load: the driver refuses the plan before anything starts
+    with pytest.raises(PlanError, match=rf"{victim} differs from the checkpoint's in size"):
         orchestrator.load(plan, progress=False)
-    assert f"{victim}: unexpected end of file" in str(err.value)
-    assert "[Rank " in str(err.value)
     assert wait_until_clean() == ([], [])
 
 

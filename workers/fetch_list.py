@@ -37,6 +37,8 @@ class FetchItem:
     sha256: str | None
     header_size: int
     ranges: tuple[tuple[int, int], ...] | None = None
+    header_sha256: str | None = None
+    git_sha1: str | None = None  # a file kept in git, not LFS: its git blob id
 
     def __post_init__(self) -> None:
         if self.ranges is not None:
@@ -111,5 +113,6 @@ def node_fetch_items(
             merged = coalesce(rows, gap=max_gap_bytes)
             if sum(b - a for a, b in merged) < whole_above * f.size:
                 ranges = tuple(merged)
-        items.append(FetchItem(file=name, size=f.size, sha256=f.sha256, header_size=f.header_size, ranges=ranges))
+        items.append(FetchItem(file=name, size=f.size, sha256=f.sha256, header_size=f.header_size, ranges=ranges,
+                               header_sha256=f.header_sha256, git_sha1=f.git_sha1))
     return tuple(items)

@@ -13,17 +13,27 @@ needs on top:
   two loads (or two simulated nodes sharing a folder) never download the same file twice;
 - retries with exponential backoff on HTTP 408/429/5xx, timeouts, dropped connections and bodies
   cut short (``planning.hub_index.transient_error``); a missing repo or file fails at once;
-- sha256 verification against the Hub's LFS metadata; a file that fails it is removed (snapshot link
-  and blob) before retrying, so no corrupt file is ever left where a reader would take it;
-- files already cached are reused without a request (a cached file is trusted when its blob is named
-  by the expected sha256 and has the expected size; otherwise it is hashed).
+- every whole file hashed: sha256 against the Hub's LFS metadata, or the git blob id for a file kept
+  in git; a file that fails is removed (snapshot link and blob) before retrying, so no corrupt file is
+  ever left where a reader would take it; the blob is made private (0600);
+- files already cached are reused without a request; a cached file is re-hashed unless meshload hashed
+  this very file before (``planning.hub_cache.stamped``: same inode, size, mtime and ctime) — a blob is
+  not trusted for its name; a snapshot entry that does not resolve into the repo's ``blobs/`` is
+  removed (the link, never what it points to).
 
 Byte ranges (``FetchOptions(mode="ranges")``) are fetched with HTTP range requests into a sparse
 ``.part`` file outside ``snapshots/`` (so no other tool mistakes it for the whole file); its manifest
-lists the ranges present and is replaced only after their bytes are fsync'ed. A range cut short is
-resumed from the last byte received; an interrupted fetch resumes from the manifest. The Hub's sha256
-covers whole files only, so ranges are checked by length, ``Content-Range`` and a re-parse of the
-fetched header instead; a server that ignores ranges makes the file fall back to a whole download.
+lists the ranges present, each piece with the sha256 of its bytes, and is replaced only after they are
+fsync'ed. A range cut short is resumed from the last byte received; an interrupted fetch resumes from
+the manifest. The Hub's sha256 covers whole files only, so ranges are checked by length,
+``Content-Range`` and the fetched header (parsed, and its digest equal to the plan's); pieces reused
+from an earlier fetch are re-hashed against the manifest, and one that differs is fetched again. A
+server that ignores ranges makes the file fall back to a whole download.
+
+The plan is checked here too, on the node (``planning.validate.validate_names``): the commit, repo id,
+file names and hashes that go into cache paths. The Hub token is not an argument of the actor: it is
+given to ``fetch`` (the orchestrator hands it over through Ray's object store), else the node's own
+``HF_TOKEN`` / stored login is used.
 
 Offline (``offline=True``): nothing is requested; whatever is missing from the cache is named.
 
@@ -45,10 +55,12 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from planning import hub_cache
+from planning.confinement import confined_path
 from planning.errors import CheckpointError, MeshloadError, PlanError
 from planning.hub_index import describe_hub_error, hub_endpoint, hub_offline, transient_error
 from planning.plan import LoadPlan
-from planning.safetensors_header import header_length, parse_header
+from planning.safetensors_header import header_digest, header_length, parse_header
+from planning.validate import validate_names
 from workers.fetch_list import DEFAULT_MAX_GAP_BYTES, DEFAULT_WHOLE_ABOVE, MODES, FetchItem, node_fetch_items
 from workers.report import node_location
 
@@ -205,16 +217,12 @@ class _Tally:
 class _RangeFile:
     """The ``.part`` file of one partially fetched file and its manifest, shared by the range threads."""
 
-    def __init__(self, data: str, manifest_path: str, manifest: hub_cache.RangeManifest) -> None:
-        os.makedirs(os.path.dirname(data), exist_ok=True)
+    def __init__(self, base: str, data: str, manifest_path: str, manifest: hub_cache.RangeManifest) -> None:
         self.data = data
         self.manifest_path = manifest_path
         self.manifest = manifest
-        self.fd = os.open(data, os.O_RDWR | os.O_CREAT, 0o644)
-        if os.fstat(self.fd).st_size != manifest.size:
-            os.ftruncate(self.fd, manifest.size)  # sparse: holes cost no disk
+        self.fd = hub_cache.open_part(base, data, manifest.size)
         self._lock = threading.Lock()
-        self._covered = list(manifest.ranges)
         self._dirty = False
         self._last_flush = time.monotonic()
 
@@ -224,9 +232,9 @@ class _RangeFile:
             n = os.pwrite(self.fd, view, offset)
             view, offset = view[n:], offset + n
 
-    def done(self, start: int, stop: int) -> None:
+    def done(self, start: int, stop: int, digest: str) -> None:
         with self._lock:
-            self._covered.append((start, stop))
+            self.manifest = self.manifest.adding(start, stop, digest)
             self._dirty = True
             if time.monotonic() - self._last_flush >= MANIFEST_FLUSH_S:
                 self._flush_locked()
@@ -235,8 +243,6 @@ class _RangeFile:
         if not self._dirty:
             return
         os.fsync(self.fd)  # the bytes first, then the manifest that vouches for them
-        m = self.manifest
-        self.manifest = hub_cache.RangeManifest(m.file, m.size, m.sha256, tuple(hub_cache.merge_ranges(self._covered)))
         hub_cache.write_manifest(self.manifest_path, self.manifest)
         self._dirty = False
         self._last_flush = time.monotonic()
@@ -249,19 +255,23 @@ class _RangeFile:
                 os.close(self.fd)
 
 
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
+def checksum_of(path: str, *, git: bool = False) -> tuple[str, os.stat_result]:
+    """The sha256 of the file at ``path`` (``git``: its git blob id, sha1 of ``blob <size>\\0`` + bytes), and
+    its ``fstat`` taken before hashing (what a stamp records)."""
     with open(path, "rb") as f:
+        state = os.fstat(f.fileno())
+        h = hashlib.sha1(b"blob %d\0" % state.st_size) if git else hashlib.sha256()
         while chunk := f.read(HASH_CHUNK):
             h.update(chunk)
-    return h.hexdigest()
+    return h.hexdigest(), state
 
 
 class NodeFetcher:
     """Fetch node ``node``'s share of ``plan`` (a Hub checkpoint) into this machine's cache. See module docstring.
 
     ``cache_dir``: else ``$MESHLOAD_CACHE_DIR`` here, else huggingface_hub's default here. ``endpoint``
-    and ``offline``: default to what this process sees (``HF_ENDPOINT``, ``HF_HUB_OFFLINE``).
+    and ``offline``: default to what this process sees (``HF_ENDPOINT``, ``HF_HUB_OFFLINE``). The plan's
+    names are checked before anything is touched.
     """
 
     def __init__(
@@ -270,7 +280,6 @@ class NodeFetcher:
         node: int,
         *,
         cache_dir: str | None = None,
-        token: str | bool | None = None,
         endpoint: str | None = None,
         offline: bool | None = None,
         options: FetchOptions | None = None,
@@ -279,12 +288,13 @@ class NodeFetcher:
             raise PlanError(f"{plan.model.source}: not a Hub checkpoint pinned to a commit; nothing to fetch")
         if not 0 <= node < len(plan.nodes):
             raise PlanError(f"node {node} is not in the plan (nodes 0-{len(plan.nodes) - 1})")
+        validate_names(plan)
         self.plan = plan
         self.node = node
         self.repo_id = plan.model.source
         self.commit = plan.model.revision
         self.root = hub_cache.cache_root(cache_dir)
-        self.token = token
+        self.token: str | bool | None = None
         self.endpoint = (endpoint or hub_endpoint()).rstrip("/")
         self.offline = hub_offline() if offline is None else offline
         self.options = options or FetchOptions()
@@ -318,8 +328,11 @@ class NodeFetcher:
             self._done += n
 
     # -- the fetch -----------------------------------------------------------------------------
-    def fetch(self) -> NodeFetchOutcome:
-        """Make every item of this node present locally; returns where each file is and what it cost."""
+    def fetch(self, token: str | bool | None = None) -> NodeFetchOutcome:
+        """Make every item of this node present locally; returns where each file is and what it cost.
+
+        ``token``: the Hub token (never logged); None: this node's ``HF_TOKEN`` or stored login."""
+        self.token = token
         t0 = time.perf_counter()
         results: dict[str, FetchedFile] = {}
         errors: dict[str, BaseException] = {}
@@ -376,11 +389,10 @@ class NodeFetcher:
     @contextmanager
     def _file_lock(self, item: FetchItem):
         """Hold this cache's lock for ``item`` (other fetchers of the same file, in any process, wait)."""
-        from filelock import FileLock, Timeout
+        from filelock import Timeout
 
-        path = hub_cache.lock_path(self.root, self.repo_id, commit=self.commit, filename=item.file, sha256=item.sha256)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        lock = FileLock(path, timeout=self.options.lock_timeout_s)
+        lock = hub_cache.file_lock(self.root, self.repo_id, commit=self.commit, filename=item.file, sha256=item.sha256,
+                                   timeout=self.options.lock_timeout_s)
         try:
             lock.acquire()
         except Timeout:
@@ -407,26 +419,42 @@ class NodeFetcher:
         path = hub_cache.snapshot_path(self.root, self.repo_id, commit=self.commit, filename=item.file)
         if not os.path.lexists(path):
             return None
-        problem = self._whole_problem(path, item, trust_blob_name=True)
+        try:
+            confined_path(hub_cache.snapshot_dir(self.root, self.repo_id, commit=self.commit), item.file, what=self.repo_id)
+        except CheckpointError as exc:
+            log.warning("meshload: %s; removing the snapshot entry (not what it points to)", exc)
+            os.unlink(path)
+            return None
+        problem = self._whole_problem(path, item, known=True)
         if problem is None:
             return path
         log.warning("meshload: cached %s is unusable (%s); removing it", path, problem)
         self._remove_cached(path)
         return None
 
-    def _whole_problem(self, path: str, item: FetchItem, *, trust_blob_name: bool) -> str | None:
+    def _whole_problem(self, path: str, item: FetchItem, *, known: bool) -> str | None:
+        """Why the whole file at ``path`` is not ``item`` (None: it is). ``known``: a file meshload hashed
+        before and that has not changed since is not hashed again."""
         try:
             size = os.path.getsize(path)
         except OSError:
             return "dangling link or unreadable file"
         if size != item.size:
             return f"{size} bytes, expected {item.size}"
-        if item.sha256 is None or not self.options.verify:
+        if not self.options.verify:
             return None
-        if trust_blob_name and hub_cache.blob_sha256(path) == item.sha256:
-            return None  # content-addressed blob written (and verified) by a previous fetch
-        actual = sha256_of(path)
-        return None if actual == item.sha256 else f"sha256 {actual}, expected {item.sha256} (Hub LFS metadata)"
+        expected, git = (item.sha256, False) if item.sha256 else (item.git_sha1, True)
+        what = "sha256" if not git else "git blob id"
+        if expected is None:
+            log.warning("meshload: %s has no checksum in the plan; it cannot be verified", item.file)
+            return None
+        if known and hub_cache.stamped(self.root, self.repo_id, path, checksum=expected):
+            return None
+        actual, state = checksum_of(path, git=git)
+        if actual != expected:
+            return f"{what} {actual}, expected {expected} (Hub metadata)"
+        hub_cache.stamp(self.root, self.repo_id, path, checksum=expected, state=state)
+        return None
 
     def _sweep_incomplete(self, item: FetchItem) -> None:
         """Remove temporary files huggingface_hub left for this blob when a download was killed (not resumable:
@@ -475,6 +503,43 @@ class NodeFetcher:
                 except FileNotFoundError:
                     pass
 
+    def _downloaded_problem(self, path: str, item: FetchItem) -> str | None:
+        """A file ``hf_hub_download`` returned: where the plan says, inside the repo's blobs, and hashed."""
+        expected = hub_cache.snapshot_path(self.root, self.repo_id, commit=self.commit, filename=item.file)
+        if os.path.abspath(path) != expected:
+            raise CheckpointError(f"{item.file}: huggingface_hub put it at {path}, not at {expected}; refused")
+        blob = confined_path(hub_cache.snapshot_dir(self.root, self.repo_id, commit=self.commit), item.file, what=self.repo_id)
+        if os.stat(blob).st_uid == os.getuid():
+            os.chmod(blob, 0o600)  # gated weights stay private in a shared cache (before hashing: it changes ctime)
+        return self._whole_problem(path, item, known=False)
+
+    def _metadata(self, item: FetchItem):
+        """The Hub's metadata of ``item`` at the plan's commit (a HEAD request, retried on transient errors)."""
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+        url = hf_hub_url(self.repo_id, item.file, revision=self.commit, endpoint=self.endpoint)
+        for attempt in range(self.options.max_attempts):
+            self._check_cancel()
+            try:
+                return get_hf_file_metadata(url, token=self.token, timeout=self.options.timeout_s, endpoint=self.endpoint)
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if attempt + 1 < self.options.max_attempts and transient_error(exc):
+                    self._sleep_before_retry(attempt)
+                    continue
+                raise describe_hub_error(exc, repo_id=self.repo_id, revision=self.commit, what=item.file) from exc
+        raise AssertionError("unreachable")
+
+    def _check_metadata(self, item: FetchItem) -> None:
+        """Before a whole download: the Hub must serve this file at the plan's commit with the plan's checksum
+        (``hf_hub_download`` names the blob after what the server says; a broken mirror is refused here)."""
+        meta = self._metadata(item)
+        expected = item.sha256 or item.git_sha1
+        if meta.commit_hash not in (None, self.commit) or (expected and meta.etag != expected):
+            raise CheckpointError(
+                f"{item.file}: the Hub at {self.endpoint} serves commit {meta.commit_hash!r} with checksum "
+                f"{meta.etag!r}, but the plan has {self.commit} and {expected!r}; refused"
+            )
+
     def _fetch_whole(self, item: FetchItem) -> FetchedFile:
         from huggingface_hub import hf_hub_download
 
@@ -487,6 +552,7 @@ class NodeFetcher:
                 f"{item.file}: offline mode (HF_HUB_OFFLINE=1) and it is not in this node's cache {self.root} "
                 f"({self.repo_id}@{self.commit[:12]}, {item.size} bytes needed)"
             )
+        self._check_metadata(item)
         self._sweep_incomplete(item)
         fetched, problem, last_exc = 0, "", None
         for attempt in range(self.options.max_attempts):
@@ -507,7 +573,7 @@ class NodeFetcher:
                 self._sleep_before_retry(attempt)
                 continue
             fetched += tally.transfer or tally.written
-            problem = self._whole_problem(path, item, trust_blob_name=False)
+            problem = self._downloaded_problem(path, item)
             if problem is None:
                 self._advance(item.size - tally.written)
                 return FetchedFile(item.file, path, True, item.size, fetched, False)
@@ -525,21 +591,9 @@ class NodeFetcher:
     # -- byte ranges -----------------------------------------------------------------------------
     def _location(self, item: FetchItem, *, refresh: bool = False) -> str:
         """Where the file's bytes are served (the resolve URL's redirect target), checked against the plan."""
-        from huggingface_hub import get_hf_file_metadata, hf_hub_url
-
         if not refresh and item.file in self._locations:
             return self._locations[item.file]
-        url = hf_hub_url(self.repo_id, item.file, revision=self.commit, endpoint=self.endpoint)
-        for attempt in range(self.options.max_attempts):
-            self._check_cancel()
-            try:
-                meta = get_hf_file_metadata(url, token=self.token, timeout=self.options.timeout_s, endpoint=self.endpoint)
-                break
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if attempt + 1 < self.options.max_attempts and transient_error(exc):
-                    self._sleep_before_retry(attempt)
-                    continue
-                raise describe_hub_error(exc, repo_id=self.repo_id, revision=self.commit, what=item.file) from exc
+        meta = self._metadata(item)
         if meta.size is not None and meta.size != item.size:
             raise CheckpointError(f"{item.file}: the Hub reports {meta.size} bytes at {self.commit[:12]}, the plan {item.size}")
         if item.sha256 and meta.etag and len(meta.etag) == 64 and meta.etag != item.sha256:
@@ -553,8 +607,9 @@ class NodeFetcher:
             self._advance(item.nbytes)
             return FetchedFile(item.file, whole, True, item.nbytes, 0, True)
         data, manifest_path = hub_cache.range_paths(self.root, self.repo_id, commit=self.commit, filename=item.file)
-        manifest = hub_cache.read_manifest(manifest_path, file=item.file, size=item.size, sha256=item.sha256)
-        manifest = manifest or hub_cache.RangeManifest(item.file, item.size, item.sha256, ())
+        manifest = hub_cache.read_manifest(manifest_path, file=item.file, size=item.size, sha256=item.sha256, git_sha1=item.git_sha1)
+        manifest = self._verified(manifest, data, manifest_path, item.ranges) if manifest else None
+        manifest = manifest or hub_cache.RangeManifest(item.file, item.size, item.sha256, (), item.git_sha1)
         missing = manifest.missing(item.ranges)
         self._advance(item.nbytes - sum(b - a for a, b in missing))
         if not missing:
@@ -567,7 +622,7 @@ class NodeFetcher:
             )
         step = self.options.piece_bytes
         pieces = [(s, min(s + step, b)) for a, b in missing for s in range(a, b, step)]
-        part = _RangeFile(data, manifest_path, manifest)
+        part = _RangeFile(hub_cache.repo_folder(self.root, self.repo_id), data, manifest_path, manifest)
         tally = _Tally(self._advance)
         try:
             with ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="meshload-range") as pool:
@@ -589,11 +644,35 @@ class NodeFetcher:
             raise _BadPart(exc) from None
         return FetchedFile(item.file, data, False, item.nbytes, tally.transfer, False)
 
+    def _verified(self, manifest: hub_cache.RangeManifest, data: str, manifest_path: str, needed) -> hub_cache.RangeManifest:
+        """``manifest`` without the pieces ``needed`` reuses whose bytes no longer hash as recorded (the manifest
+        on disk is rewritten without them, so they are fetched again)."""
+        pieces = manifest.touching(needed)
+        if not pieces:
+            return manifest
+        try:
+            fd = os.open(data, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            bad = set(pieces)
+        else:
+            try:
+                bad = {p for p in pieces if hub_cache.piece_digest(fd, p[0], p[1]) != p[2]}
+            finally:
+                os.close(fd)
+        if not bad:
+            return manifest
+        log.warning("meshload: %s: %d cached range(s) of %s no longer match their checksum; fetching them again",
+                    f"{self.repo_id}@{self.commit[:12]}", len(bad), manifest.file)
+        manifest = manifest.without(bad)
+        hub_cache.write_manifest(manifest_path, manifest)
+        return manifest
+
     def _fetch_piece(self, item: FetchItem, part: _RangeFile, start: int, stop: int, tally: _Tally) -> None:
         """Bytes ``[start, stop)`` into the part file; a body cut short resumes from the last byte received."""
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
         pos, attempt, refreshed = start, 0, False
+        digest = hashlib.sha256()  # of the bytes written, in order (a resumed body continues at ``pos``)
         while pos < stop:
             self._check_cancel()
             url = self._location(item)
@@ -620,6 +699,7 @@ class NodeFetcher:
                     for chunk in r.iter_bytes():
                         chunk = chunk[: stop - pos]
                         part.write(pos, chunk)
+                        digest.update(chunk)
                         pos += len(chunk)
                         tally.add_transfer(len(chunk))
                         tally.add_written(len(chunk))
@@ -641,16 +721,17 @@ class NodeFetcher:
                     f"{item.file}: bytes {start}-{stop - 1} of {self.repo_id}@{self.commit[:12]} could not be fetched "
                     f"after {attempt + 1} attempt(s): {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
                 ) from exc
-        part.done(start, stop)
+        part.done(start, stop, digest.hexdigest())
 
     def _check_header(self, path: str, item: FetchItem) -> None:
-        """The fetched header must parse and be the size the plan was made from."""
+        """The fetched header must parse, and be the one the plan was made from (size and digest)."""
         with open(path, "rb") as f:
             prefix = f.read(8)
             n = header_length(prefix, file=item.file, file_size=item.size)
-            header = parse_header(f.read(n), file=item.file, file_size=item.size)
-        if header.header_size != item.header_size:
+            body = f.read(n)
+        header = parse_header(body, file=item.file, file_size=item.size)
+        if header.header_size != item.header_size or (item.header_sha256 and header_digest(prefix + body) != item.header_sha256):
             raise CheckpointError(
-                f"{item.file}: fetched header is {header.header_size} bytes, the plan's {item.header_size}; "
-                f"the file changed on the Hub"
+                f"{item.file}: fetched header ({header.header_size} bytes, sha256 {header_digest(prefix + body)[:16]}…) is "
+                f"not the plan's ({item.header_size} bytes, sha256 {(item.header_sha256 or '?')[:16]}…); the file changed on the Hub"
             )

@@ -11,8 +11,9 @@ Lifecycle, each step a method the driver calls (with a timeout):
    the stage that shares it, instead of being read twice.
 4. ``finalize()`` — builds the rank's transformers model around its tensors (``workers.local_model``),
    recomputes non-persistent buffers, and returns the ``RankReport``.
-5. For inference: ``pick_port()`` (rank 0), ``init_inference(...)`` (every rank: process group, TP
-   collectives, stage runner), then ``forward_step(...)`` per step; the KV cache stays on the rank.
+5. For inference: ``pick_port()`` (rank 0: serves the rendezvous store on its node address),
+   ``init_inference(...)`` (every rank: process group, TP collectives, stage runner), then
+   ``forward_step(...)`` per step; the KV cache stays on the rank.
 
 Everything here is testable without Ray: tests drive ``RankWorker`` directly, for every rank, in
 one process.
@@ -29,8 +30,9 @@ import torch
 
 from planning.plan import LoadPlan, ParamPlan
 from planning.skeleton import parse_dtype
-from workers.distributed import free_port, init_world, leave_world
+from workers.distributed import init_world, leave_world, listen_store
 from workers.local_model import build_local_model, rebuild_meta_model
+from workers.node_files import NodeFiles
 from workers.reader import CheckpointFiles, Progress, io_defaults, read_items, zero_copy_view
 from workers.report import RankReport, io_counters, node_location, peak_rss_bytes, process_age_s
 from workers.stage_runner import StageRunner
@@ -95,6 +97,7 @@ class RankWorker:
         self._read_s = 0.0
         self.runner: StageRunner | None = None
         self.cache = None
+        self._store = None  # rank 0: the rendezvous store it serves (pick_port)
         # Importing transformers' model code takes seconds in a fresh process: start it now, in the
         # background, so it overlaps planning, placement, fetch and the reads.
         self._skeleton: dict = {}
@@ -150,7 +153,7 @@ class RankWorker:
         self._bytes_fetched = bytes_fetched
         disk_before = io_counters().get("read_bytes", 0)
         readable = [p for p in self.rank_plan.params if p.reads]
-        with CheckpointFiles(paths) as files:
+        with CheckpointFiles(paths, open_file=NodeFiles(self.plan).open) as files:
             if self.device.type == "cpu" and self.zero_copy:
                 for p in readable:
                     view = zero_copy_view(files, p)
@@ -248,9 +251,10 @@ class RankWorker:
 
     # -- inference -------------------------------------------------------------------------------
     def pick_port(self) -> tuple[str, int]:
-        """An address for the process group's rendezvous, on this rank's node."""
+        """Serve the process group's rendezvous store on this rank's node address only (``listen_store``); its address."""
         ip = self.where()["node_ip"] or "127.0.0.1"
-        return ip, free_port(ip)
+        self._store, port = listen_store(ip, self.plan.world_size)
+        return ip, port
 
     def init_inference(
         self, master_addr: str, master_port: int, *, backend: str, collective_timeout_s: float,
@@ -263,7 +267,7 @@ class RankWorker:
             self.model.set_attn_implementation("flash_attention_2")  # imports flash-attn, here only
         group = init_world(
             self.plan, self.rank, master_addr=master_addr, master_port=master_port, backend=backend,
-            timeout_s=collective_timeout_s, socket_ifname=socket_ifname,
+            timeout_s=collective_timeout_s, socket_ifname=socket_ifname, store=self._store,
         )
         installed = apply_tensor_parallel(self.model, self.plan, self.rank_plan, group)
         self.runner = StageRunner(self.model, self.plan, self.rank_plan)

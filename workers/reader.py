@@ -73,10 +73,12 @@ class Progress:
 
 class CheckpointFiles:
     """Open checkpoint files of one rank, by plan file name: descriptors for ``preadv``, read-only maps
-    for strided copies; counts bytes read. Thread-safe."""
+    for strided copies; counts bytes read. Thread-safe. ``open_file(name, path) -> fd`` opens (and checks)
+    a file; by default a plain read-only open (a rank passes ``workers.node_files.NodeFiles.open``)."""
 
-    def __init__(self, paths: dict[str, str]) -> None:
+    def __init__(self, paths: dict[str, str], *, open_file=None) -> None:
         self.paths = dict(paths)
+        self._open_file = open_file
         self._fds: dict[str, int] = {}
         self._maps: dict[str, tuple[mmap.mmap, int]] = {}
         self._lock = threading.Lock()
@@ -92,10 +94,13 @@ class CheckpointFiles:
             path = self.paths.get(name)
             if path is None:
                 raise CheckpointError(f"{name}: no local path for this checkpoint file on this node")
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                raise CheckpointError(f"{name}: file not found at {path}") from None
+            if self._open_file is not None:
+                fd = self._open_file(name, path)
+            else:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise CheckpointError(f"{name}: file not found at {path}") from None
             self._fds[name] = fd
         return fd
 

@@ -276,12 +276,10 @@ def _mem_gib() -> int:
 
 
 def _start_cluster(args):
-    import ray
-
     from orchestrator.cluster import start_embedded
 
     cluster = start_embedded(args.nodes, cpus_per_node=max(1, -(-args.tp // args.nodes)))
-    ray.init(address=cluster.address)
+    cluster.connect()
     return cluster
 
 

@@ -3,10 +3,18 @@
 Order of preference, as the design asks: the cluster this process is already connected to; an
 explicit ``address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets for the entrypoint); a running
 local cluster that ``ray.init(address="auto")`` finds; else (or with ``address="embedded"``) an
-embedded cluster started here, with
-``nodes`` simulated nodes on 127.0.0.2, 127.0.0.3, ... (each its own IP and node id, so a
+embedded cluster started here, with ``nodes`` simulated nodes (each its own node id, so a
 STRICT_SPREAD placement really puts ranks on distinct nodes). An embedded cluster is owned by the
 load and torn down with it.
+
+An embedded cluster is not open to anyone else. Its nodes run on 127.0.0.1, the one node address for
+which Ray binds every server it starts — GCS, raylets, object managers, workers, agents — to loopback
+instead of every interface. Loopback is still reachable by the machine's other users, so Ray's token
+authentication is on: a fresh random token in a file only this user can read (a 0600 file in a 0700
+folder), given to the cluster's processes and to this driver through ``RAY_AUTH_MODE=token`` and
+``RAY_AUTH_TOKEN_PATH`` for the cluster's lifetime, and removed with it. (Ray turns a driver's
+``127.0.0.1`` address into the host's own address before dialing it; ``EmbeddedCluster.connect`` keeps
+it on loopback.)
 
 A wrong address never hangs: the GCS port is probed with a timeout before ``ray.init``.
 
@@ -17,19 +25,18 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from planning.errors import MeshloadError
 
 log = logging.getLogger("meshload")
 
-EMBEDDED_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    # Token auth (on by default in recent Ray) is pointless for a cluster bound to loopback and
-    # breaks `ray job submit` from another shell; see RAY_NOTES.md.
-    "RAY_AUTH_MODE": "disabled",
-}
+LOOPBACK = "127.0.0.1"  # Ray binds loopback-only exactly when a node's address is this string
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN", "RAY_USAGE_STATS_ENABLED")
 LEAN_SYSTEM_CONFIG = {"prestart_worker_first_driver": False, "enable_metrics_collection": False}
 
 
@@ -42,7 +49,7 @@ class RayConnection:
     """A connection made (or reused) for one load; ``close`` undoes only what this object started."""
 
     address: str
-    embedded: object | None = None  # ray.cluster_utils.Cluster we started
+    embedded: object | None = None  # the EmbeddedCluster we started
     connected_here: bool = False
     node_ips: list[str] = field(default_factory=list)
 
@@ -73,29 +80,108 @@ def probe_address(address: str, *, timeout_s: float) -> None:
         raise ClusterError(f"no Ray cluster answers at {address} ({exc}); check the address and that the head is running") from None
 
 
+class EmbeddedAuth:
+    """A private token for one embedded cluster, and the environment that makes Ray use it (see the module
+    docstring). ``close()`` restores the environment as it was and removes the token."""
+
+    def __init__(self) -> None:
+        from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+        self.folder = tempfile.mkdtemp(prefix="meshload-ray-auth-")  # 0700, a name nobody can predict
+        self.token_path = os.path.join(self.folder, "auth_token")
+        fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(generate_new_authentication_token())
+        self._saved = {k: os.environ.get(k) for k in AUTH_ENV}
+        os.environ.pop("RAY_AUTH_TOKEN", None)  # it would take precedence over the file
+        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path, "RAY_USAGE_STATS_ENABLED": "0"})
+        _reload_ray_auth()
+
+    def close(self) -> None:
+        if self._saved is None:
+            return
+        for key, value in self._saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved = None
+        shutil.rmtree(self.folder, ignore_errors=True)
+        _reload_ray_auth()
+
+
+def _reload_ray_auth() -> None:
+    """Make this process's Ray see the authentication settings now in its environment (Ray caches them)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@contextmanager
+def _loopback_driver():
+    """While connecting a driver: let ``127.0.0.1`` mean loopback (Ray otherwise dials the host's own
+    address instead, where a loopback-bound cluster does not listen). Ray's own switch for this,
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, is read when Ray is imported; this sets the same flag."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+class EmbeddedCluster:
+    """A ``ray.cluster_utils.Cluster`` of ``num_nodes`` simulated nodes on loopback, token-authenticated
+    (module docstring). ``connect()`` joins this process to it; ``shutdown()`` stops every node and
+    removes the token. Other attributes are the ``Cluster``'s (``address``, ``head_node``, ...)."""
+
+    def __init__(self, num_nodes: int, *, cpus_per_node: int, gpus_per_node: int = 0, object_store_bytes: int = 256 << 20):
+        from ray.cluster_utils import Cluster
+
+        self.auth = EmbeddedAuth()
+        self.cluster = None
+        common = dict(num_cpus=cpus_per_node, num_gpus=gpus_per_node, object_store_memory=object_store_bytes)
+        try:
+            self.cluster = Cluster(
+                initialize_head=True,
+                head_node_args=dict(**common, node_ip_address=LOOPBACK, include_dashboard=False, _system_config=LEAN_SYSTEM_CONFIG),
+            )
+            for _ in range(1, num_nodes):
+                self.cluster.add_node(**common, node_ip_address=LOOPBACK)
+            self.cluster.wait_for_nodes()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def __getattr__(self, name: str):
+        if name == "cluster":
+            raise AttributeError(name)
+        return getattr(self.cluster, name)
+
+    def connect(self, **init_kwargs) -> None:
+        """``ray.init`` to this cluster, over loopback, with its token."""
+        import ray
+
+        with _loopback_driver():
+            ray.init(address=self.cluster.address, **init_kwargs)
+
+    def shutdown(self) -> None:
+        try:
+            if self.cluster is not None:
+                self.cluster.shutdown()
+        finally:
+            self.auth.close()
+
+
 def start_embedded(
     num_nodes: int, *, cpus_per_node: int, gpus_per_node: int = 0, object_store_bytes: int = 256 << 20
-):
-    """An embedded cluster of ``num_nodes`` simulated nodes on 127.0.0.2+ (one real node when using GPUs)."""
-    for key, value in EMBEDDED_ENV.items():
-        os.environ.setdefault(key, value)
-    from ray.cluster_utils import Cluster
-
-    common = dict(num_cpus=cpus_per_node, num_gpus=gpus_per_node, object_store_memory=object_store_bytes)
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args=dict(
-            **common, node_ip_address="127.0.0.2", include_dashboard=False, _system_config=LEAN_SYSTEM_CONFIG
-        ),
-    )
-    try:
-        for k in range(1, num_nodes):
-            cluster.add_node(**common, node_ip_address=f"127.0.0.{2 + k}")
-        cluster.wait_for_nodes()
-    except BaseException:
-        cluster.shutdown()
-        raise
-    return cluster
+) -> EmbeddedCluster:
+    """An embedded cluster of ``num_nodes`` simulated nodes on loopback, token-authenticated (one real node
+    when using GPUs); join it with ``.connect()``."""
+    return EmbeddedCluster(num_nodes, cpus_per_node=cpus_per_node, gpus_per_node=gpus_per_node, object_store_bytes=object_store_bytes)
 
 
 def connect(
@@ -136,7 +222,7 @@ def connect(
     log.info("meshload: starting an embedded Ray cluster with %d simulated node(s)", num_nodes)
     cluster = start_embedded(num_nodes, cpus_per_node=cpus_per_node, gpus_per_node=gpus_per_node)
     try:
-        ray.init(address=cluster.address, log_to_driver=True)
+        cluster.connect(log_to_driver=True)
     except BaseException:
         cluster.shutdown()
         raise

@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.meshload-installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench wheel clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +33,12 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m orchestrator.cli bench --cold
 
+# The build that cluster nodes install (cluster_configs/): dist/meshload-<version>-py3-none-any.whl,
+# from this checkout, never `pip install meshload` by name from a public index (that name is not ours).
+wheel: $(STAMP)
+	rm -rf dist
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir dist .
+	sha256sum dist/*.whl
+
 clean:
-	rm -rf $(VENV) demo-out bench-out .pytest_cache
+	rm -rf $(VENV) demo-out bench-out dist .pytest_cache

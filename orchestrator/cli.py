@@ -24,11 +24,39 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--cache-dir", default=None, help="Hub cache folder (default: huggingface_hub's)")
-    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="read the Hub token from FILE ('-': stdin); default: HF_TOKEN or the stored login")
+    p.add_argument("--token", default=None, help=argparse.SUPPRESS)  # refused: see read_token
     p.add_argument("--model-class", default=None, help="transformers class to build, e.g. BertModel")
     p.add_argument("--tp-plan", default=None, help="JSON object of glob -> style overriding the TP plan")
     p.add_argument("--max-memory", default=None, help="per-rank parameter budget, e.g. 40GiB")
     p.add_argument("--allow-pickle", action="store_true", help="accept legacy .bin checkpoints (weights_only)")
+
+
+def read_token(args) -> str | None:
+    """The Hub token from ``--token-file`` (a file, or ``-`` for stdin), else None (huggingface_hub then uses
+    ``HF_TOKEN`` or the stored login). A token on the command line itself is refused: it would show in
+    ``ps`` to every user of the machine and, under ``ray job submit``, in the job's entrypoint."""
+    if args.token is not None:
+        raise SystemExit(
+            "meshload: error: --token puts the token on the command line, where `ps` shows it to every user and "
+            "`ray job submit` stores it in the job's entrypoint; use --token-file FILE (or - for stdin), or set "
+            "HF_TOKEN / run `hf auth login` on each machine"
+        )
+    if args.token_file is None:
+        return None
+    try:
+        if args.token_file == "-":
+            text = sys.stdin.readline()
+        else:
+            with open(args.token_file, encoding="utf-8") as f:
+                text = f.readline()
+    except OSError as exc:
+        raise SystemExit(f"meshload: error: --token-file {args.token_file}: {exc.strerror}") from None
+    token = text.strip()
+    if not token:
+        raise SystemExit(f"meshload: error: --token-file {args.token_file} holds no token")
+    return token
 
 
 def _plan_kwargs(args) -> dict:
@@ -41,7 +69,7 @@ def _plan_kwargs(args) -> dict:
         attn_implementation=args.attn_implementation,
         revision=args.revision,
         cache_dir=args.cache_dir,
-        token=args.token,
+        token=read_token(args),
         model_class=args.model_class,
         tp_plan=json.loads(args.tp_plan) if args.tp_plan else None,
         max_memory=args.max_memory,

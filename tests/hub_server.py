@@ -14,7 +14,8 @@ huggingface_hub 2.4's ``hf_api.py``/``file_download.py``):
 - ``HEAD``/``GET /lfs/{sha256}`` on the CDN origin: the bytes, with ``Range`` (206 + ``Content-Range``),
   ``Accept-Ranges``, ``Content-Length`` and ``ETag``.
 
-Every request is logged with the body bytes actually sent, so tests can assert what was downloaded.
+Every request is logged with the body bytes actually sent (and its Authorization header), so tests can
+assert what was downloaded, and with which token.
 Faults (``Fault``): an HTTP status (500...), a body cut short (the connection drops), a slow response,
 a corrupt body of the right length. ``latency_s``/``bandwidth`` throttle responses (benchmarks). Lies
 (``HubServer.lie``): a hostile or broken endpoint's answers — a commit that is a path, an LFS sha256
@@ -92,6 +93,7 @@ class Served:
     status: int
     nbytes: int  # body bytes actually sent
     fault: str | None = None
+    authorization: str | None = None  # the request's Authorization header (which token reached the server)
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -256,7 +258,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_in = b""
         if method == "POST":
             self._body_in = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self._served = {"method": method, "path": path, "range": self.headers.get("Range"), "fault": None}
+        self._served = {"method": method, "path": path, "range": self.headers.get("Range"), "fault": None,
+                        "authorization": self.headers.get("Authorization")}
         if self.hub.latency_s:
             time.sleep(self.hub.latency_s)
         fault = self.hub._fault_for(self.origin, method, path, self.headers.get("Range"))

@@ -44,3 +44,17 @@ class RewritesAHeaderBeforeReading(RankWorker):
         if self.rank == 1:
             flip_first_dtype(paths[self.rank_plan.files[0]])
         return super().load(paths, bytes_fetched)
+
+
+def recording_fetcher_class() -> type:
+    """The fetch stage's actor class, recording what its constructor was given (``repr`` of the arguments)
+    in ``<cache>/constructor-args-<node>``: what Ray keeps in its control store for the actor."""
+    from orchestrator.fetch_stage import _fetcher_class
+
+    class RecordingFetcher(_fetcher_class()):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            with open(os.path.join(self.root, f"constructor-args-{self.node}"), "w", encoding="utf-8") as f:
+                f.write(repr((args, kwargs)))
+
+    return RecordingFetcher

@@ -1,4 +1,4 @@
-"""The cluster configs users start from (``cluster_configs/``) are valid and install the pinned meshload.
+"""The cluster configs users start from (``cluster_configs/``) are valid and install the user's own build.
 
 Launcher YAMLs go through Ray's own validator — what ``ray up`` runs before it touches a machine:
 ``prepare_config`` (merge the provider's defaults, node types), then ``validate_config`` (the
@@ -6,7 +6,9 @@ Launcher YAMLs go through Ray's own validator — what ``ray up`` runs before it
 config bootstrap, which is offline for it. The KubeRay manifest has no validator in the ray package,
 so ``kuberay_problems`` checks what a meshload cluster needs (GPU worker groups, one image whose Ray
 matches ``rayVersion`` and this Ray, the install before ``ray start``). Each check is also shown
-rejecting a deliberately broken copy. No network, no Ray cluster.
+rejecting a deliberately broken copy. Every config installs the wheel ``make wheel`` builds from the
+checkout (shipped by the config: launcher ``file_mounts``, a KubeRay ConfigMap), never ``meshload`` by
+name from a package index, where that name is not ours. No network, no Ray cluster.
 """
 
 from __future__ import annotations
@@ -34,8 +36,26 @@ def _torch_pin() -> str:
     return match.group(1)
 
 
+def _version() -> str:
+    with open(os.path.join(REPO, "pyproject.toml"), encoding="utf-8") as f:
+        return re.search(r'^version = "([^"]+)"', f.read(), re.M).group(1)
+
+
 TORCH_PIN = _torch_pin()
 RAY_PIN = f"ray[default]=={ray.__version__}"
+WHEEL = f"meshload-{_version()}-py3-none-any.whl"
+
+
+def by_name_installs(text: str) -> list[str]:
+    """``pip install`` arguments that name meshload as a requirement to fetch from an index (``meshload``,
+    ``"meshload==1.0"``, ``meshload[flash]``), rather than a file."""
+    found = []
+    for command in re.findall(r"pip install\b[^&;\n]*", text):
+        for arg in command.split()[2:]:
+            arg = arg.strip("'\"")
+            if re.fullmatch(r"meshload(\[[^\]]*\])?([<>=!~].*)?", arg):
+                found.append(arg)
+    return found
 
 
 def _load(name: str) -> dict:
@@ -63,15 +83,19 @@ def _pip_installs(commands: list[str]) -> list[str]:
 def test_launcher_config_passes_rays_validator(name):
     prepared = ray_up_checks(_load(name))
     assert prepared["head_node_type"] in prepared["available_node_types"]
-    # meshload, the torch pin and this Ray's version are installed on the head and on every worker,
-    # in the environment that then starts Ray (so `meshload` is on a job entrypoint's PATH).
+    # meshload (the wheel shipped from ./dist), the torch pin and this Ray's version are installed on the
+    # head and on every worker, in the environment that then starts Ray (so `meshload` is on a job
+    # entrypoint's PATH).
     for role in ("head", "worker"):
         installs = " ".join(_pip_installs(prepared[f"{role}_setup_commands"]))
-        for pin in (TORCH_PIN, RAY_PIN, "meshload"):
+        for pin in (TORCH_PIN, RAY_PIN):
             assert f'"{pin}"' in installs, (role, pin, installs)
+        assert f"~/meshload-dist/{WHEEL}" in installs and f"--force-reinstall --no-deps ~/meshload-dist/{WHEEL}" in installs
+        assert by_name_installs(installs) == [], installs
         for command in prepared[f"{role}_start_ray_commands"]:
             if "ray start" in command:
                 assert command.startswith("source ~/meshload-venv/bin/activate"), command
+    assert prepared["file_mounts"] == {"~/meshload-dist": "./dist"}  # the build, from where `ray up` runs
 
 
 def test_local_config_through_ray_up_bootstrap():
@@ -171,9 +195,17 @@ def kuberay_problems(manifest: dict, *, ray_version: str = ray.__version__, torc
             if "$KUBERAY_GEN_RAY_START_CMD" not in script:
                 problems.append(f"group {name}: custom command never runs $KUBERAY_GEN_RAY_START_CMD (no ray start)")
             install = script.split("$KUBERAY_GEN_RAY_START_CMD")[0]
-            for pin in (torch_pin, "meshload"):
-                if not re.search(rf'pip install\b.*"{re.escape(pin)}"', install):
-                    problems.append(f"group {name}: {pin} not pip-installed before ray start")
+            if not re.search(rf'pip install\b.*"{re.escape(torch_pin)}"', install):
+                problems.append(f"group {name}: {torch_pin} not pip-installed before ray start")
+            if not re.search(rf"pip install\b.*/opt/meshload-dist/{re.escape(WHEEL)}", install):
+                problems.append(f"group {name}: meshload not pip-installed from /opt/meshload-dist/{WHEEL} before ray start")
+            if by_name_installs(install):
+                problems.append(f"group {name}: pip-installs meshload by name from an index: {by_name_installs(install)}")
+            mounts = {m.get("mountPath"): m.get("name") for m in ray_container.get("volumeMounts", [])}
+            volume = next((v for v in group.get("template", {}).get("spec", {}).get("volumes", [])
+                           if v.get("name") == mounts.get("/opt/meshload-dist")), {})
+            if volume.get("configMap", {}).get("name") != "meshload-wheel":
+                problems.append(f"group {name}: /opt/meshload-dist is not the ConfigMap meshload-wheel")
         pod = group.get("template", {}).get("spec", {})
         volumes = {v.get("name") for v in pod.get("volumes", [])}
         for mount in ray_container.get("volumeMounts", []):
@@ -227,9 +259,16 @@ BROKEN_KUBERAY_COPIES = {
     "rayVersion not this Ray": (
         lambda m: m["spec"].update(rayVersion="2.9.0"), "rayVersion '2.9.0'"),
     "ray start dropped from the custom command": (
-        lambda m: _kuberay_worker(m).update(args=['pip install "torch==2.13.0" "meshload"']), "never runs"),
+        lambda m: _kuberay_worker(m).update(args=[f'pip install "torch==2.13.0" /opt/meshload-dist/{WHEEL}']), "never runs"),
     "meshload not installed": (
         lambda m: _kuberay_worker(m).update(args=["ulimit -n 65536; $KUBERAY_GEN_RAY_START_CMD"]), "meshload not pip-installed"),
+    "meshload by name from the index": (
+        lambda m: _kuberay_worker(m).update(args=[
+            f'pip install "torch==2.13.0" /opt/meshload-dist/{WHEEL} "meshload" && $KUBERAY_GEN_RAY_START_CMD']),
+        "pip-installs meshload by name"),
+    "wheel folder not the ConfigMap": (
+        lambda m: m["spec"]["workerGroupSpecs"][0]["template"]["spec"]["volumes"][-1].update(
+            configMap={"name": "someone-elses"}), "is not the ConfigMap meshload-wheel"),
     "head takes ranks": (
         lambda m: m["spec"]["headGroupSpec"]["rayStartParams"].pop("num-cpus"), "head advertises CPUs"),
     "replicas above maxReplicas": (
@@ -256,8 +295,35 @@ def test_runtime_env_loads_as_ray_job_submit_reads_it():
     raw = parse_runtime_env_args(runtime_env=os.path.join(CONFIGS, RUNTIME_ENV))  # `--runtime-env FILE`
     assert set(raw) <= RuntimeEnv.known_fields, sorted(set(raw) - RuntimeEnv.known_fields)
     env = RuntimeEnv(**raw)  # Ray's own type checks (env_vars must be str -> str, pip a list or dict)
-    assert set(env.pip_config()["packages"]) == {TORCH_PIN, "meshload"}
+    assert not env.has_pip() and not env.has_conda() and "py_modules" not in raw  # meshload comes from the nodes
+    assert by_name_installs(open(os.path.join(CONFIGS, RUNTIME_ENV)).read()) == []
     assert env.env_vars()["PYTHONUNBUFFERED"] == "1"
+
+
+def test_no_config_installs_meshload_by_name():
+    for name in sorted(os.listdir(CONFIGS)):
+        with open(os.path.join(CONFIGS, name), encoding="utf-8") as f:
+            assert by_name_installs(f.read()) == [], name
+    assert by_name_installs('pip install "torch==2.13.0" meshload') == ["meshload"]  # the check sees one
+    assert by_name_installs("pip install meshload==0.1.0 x") == ["meshload==0.1.0"]
+
+
+def test_make_wheel_builds_the_file_the_configs_install(tmp_path):
+    """What ``make wheel`` runs, into a temporary folder: the file name every config names, with this
+    checkout's code in it."""
+    import subprocess
+    import sys
+    import zipfile
+
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(tmp_path), REPO],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert os.listdir(tmp_path) == [WHEEL]
+    with zipfile.ZipFile(tmp_path / WHEEL) as wheel:
+        with open(os.path.join(REPO, "planning", "confinement.py"), "rb") as f:
+            assert wheel.read("planning/confinement.py") == f.read()
+    with open(os.path.join(REPO, "Makefile"), encoding="utf-8") as f:
+        assert "-m pip wheel --quiet --no-deps --wheel-dir dist ." in f.read()
 
 
 def test_runtime_env_check_rejects_a_broken_copy():

@@ -28,9 +28,11 @@ import time
 
 import torch
 
+from planning.errors import CheckpointError
 from planning.plan import LoadPlan, ParamPlan
 from planning.skeleton import parse_dtype
 from workers.distributed import init_world, leave_world, listen_store
+from workers.file_guard import FileGuard
 from workers.local_model import build_local_model, rebuild_meta_model
 from workers.node_files import NodeFiles
 from workers.reader import CheckpointFiles, Progress, io_defaults, read_items, zero_copy_view
@@ -98,6 +100,7 @@ class RankWorker:
         self.runner: StageRunner | None = None
         self.cache = None
         self._store = None  # rank 0: the rendezvous store it serves (pick_port)
+        self._guard = FileGuard()  # read leases on the files this rank maps (workers.file_guard)
         # Importing transformers' model code takes seconds in a fresh process: start it now, in the
         # background, so it overlaps planning, placement, fetch and the reads.
         self._skeleton: dict = {}
@@ -153,7 +156,7 @@ class RankWorker:
         self._bytes_fetched = bytes_fetched
         disk_before = io_counters().get("read_bytes", 0)
         readable = [p for p in self.rank_plan.params if p.reads]
-        with CheckpointFiles(paths, open_file=NodeFiles(self.plan).open) as files:
+        with CheckpointFiles(paths, open_file=NodeFiles(self.plan).open, guard=self._guard) as files:
             if self.device.type == "cpu" and self.zero_copy:
                 for p in readable:
                     view = zero_copy_view(files, p)
@@ -166,6 +169,12 @@ class RankWorker:
             jobs = [(item, self.tensors[p.name]) for p in to_read for item in p.reads]
             read_items(files, jobs, progress=self.progress, threads=self.io_threads, staging_bytes=self.staging_bytes)
             self._bytes_read = files.bytes_read
+        changed = self._guard.changes()
+        if changed:
+            raise CheckpointError(
+                f"rank {self.rank}: {sorted(changed)} truncated or opened for writing while this rank read them; "
+                f"what was read may mix two versions of the file"
+            )
         self._disk_read = io_counters().get("read_bytes", 0) - disk_before
         self._read_s = time.perf_counter() - self._t0
         for p in self.rank_plan.params:

@@ -18,13 +18,17 @@ never needs a full-precision copy of the shard. Page-locking is expensive (≈ 0
 an H100 host), so GPU buffers are few and small. The CPU and GPU paths are the same code; only buffer
 pinning and the copy's stream differ, so CI (no GPU) exercises the pipeline.
 
-A file shorter than the plan says is a ``CheckpointError`` naming it (never a SIGBUS from the map).
+A file shorter than the plan says is a ``CheckpointError`` naming it (never a SIGBUS from the map). A
+file truncated or rewritten *while* mapped is kept from faulting by ``workers.file_guard`` (a read lease:
+the writer waits until the rank's maps no longer depend on the file); a file it cannot lease is not
+kept mapped (no zero-copy view of it).
 
 Runs on every rank (inside the Ray actor), over node-local files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import queue
@@ -74,11 +78,13 @@ class Progress:
 class CheckpointFiles:
     """Open checkpoint files of one rank, by plan file name: descriptors for ``preadv``, read-only maps
     for strided copies; counts bytes read. Thread-safe. ``open_file(name, path) -> fd`` opens (and checks)
-    a file; by default a plain read-only open (a rank passes ``workers.node_files.NodeFiles.open``)."""
+    a file; by default a plain read-only open (a rank passes ``workers.node_files.NodeFiles.open``).
+    ``guard``: a ``workers.file_guard.FileGuard`` that leases each file opened and keeps its maps valid."""
 
-    def __init__(self, paths: dict[str, str], *, open_file=None) -> None:
+    def __init__(self, paths: dict[str, str], *, open_file=None, guard=None) -> None:
         self.paths = dict(paths)
         self._open_file = open_file
+        self._guard = guard
         self._fds: dict[str, int] = {}
         self._maps: dict[str, tuple[mmap.mmap, int]] = {}
         self._lock = threading.Lock()
@@ -102,6 +108,8 @@ class CheckpointFiles:
                 except FileNotFoundError:
                     raise CheckpointError(f"{name}: file not found at {path}") from None
             self._fds[name] = fd
+            if self._guard is not None:
+                self._guard.protect(name, fd)
         return fd
 
     def tensor(self, item: ReadItem) -> torch.Tensor:
@@ -114,6 +122,8 @@ class CheckpointFiles:
                 # Private copy-on-write map: reads share the page cache; a write (never ours) stays private.
                 mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else None
                 entry = self._maps[item.file] = (mapping, size)
+                if self._guard is not None and mapping is not None:
+                    self._guard.add_map(item.file, mapping)
         mapping, size = entry
         nbytes = int(np.prod(item.src_shape, dtype=np.int64)) * TORCH_DTYPE_ITEMSIZE[item.src_dtype]
         if item.file_offset + nbytes > size:
@@ -131,6 +141,20 @@ class CheckpointFiles:
         start -= start % mmap.PAGESIZE
         if end > start:
             mapping.madvise(advice, start, min(end, len(mapping)) - start)
+
+    def keepable(self, name: str) -> bool:
+        """Whether a map of ``name`` may outlive the load (a view as a parameter): only if it is guarded."""
+        return self._guard is None or self._guard.protected(name)
+
+    def keep(self, item: ReadItem, box: Box) -> None:
+        """A tensor views ``box`` of ``item``'s mapped tensor for good: the guard keeps those bytes on a break."""
+        if self._guard is not None:
+            start, end = byte_span(item.src_shape, box, itemsize=TORCH_DTYPE_ITEMSIZE[item.src_dtype], offset=item.file_offset)
+            self._guard.keep(item.file, self._maps[item.file][0], start, end)
+
+    def reading(self, name: str):
+        """Around a copy out of a map of ``name`` (and the release of its pages): see ``FileGuard.reading``."""
+        return self._guard.reading(name) if self._guard is not None else contextlib.nullcontext()
 
     def release(self, item: ReadItem, box: Box) -> None:
         """Unmap (from this process only) the pages a finished strided copy touched, so mapped file pages
@@ -288,8 +312,9 @@ def _to_cpu(chunk: Chunk, files: CheckpointFiles, progress: Progress | None) -> 
         out = memoryview(byte_view(chunk.dest)[chunk.span[1] : chunk.span[1] + n])
         _pread_span(files, chunk.item, out, chunk.span[0], progress)
         return
-    chunk.dest[box_slices(chunk.dst_box)].copy_(chunk.source_view(files))  # strided and/or cast, in C
-    files.release(chunk.item, chunk.src_box)
+    with files.reading(chunk.item.file):
+        chunk.dest[box_slices(chunk.dst_box)].copy_(chunk.source_view(files))  # strided and/or cast, in C
+        files.release(chunk.item, chunk.src_box)
     files.count(n)
     if progress is not None:
         progress.add(n)
@@ -311,10 +336,11 @@ def _to_gpu(chunk: Chunk, files: CheckpointFiles, ring: StagingRing, progress: P
             source = buffer[:n]
             target = chunk.dest.view(-1).view(torch.uint8)[chunk.span[1] : chunk.span[1] + n]
         else:
-            region = chunk.source_view(files)
-            source = buffer[:n].view(region.dtype).view(region.shape)
-            source.copy_(region)  # strided gather from the map into contiguous staging
-            files.release(item, chunk.src_box)
+            with files.reading(item.file):
+                region = chunk.source_view(files)
+                source = buffer[:n].view(region.dtype).view(region.shape)
+                source.copy_(region)  # strided gather from the map into contiguous staging
+                files.release(item, chunk.src_box)
             files.count(n)
             if progress is not None:
                 progress.add(n)
@@ -394,7 +420,11 @@ def zero_copy_view(files: CheckpointFiles, param) -> torch.Tensor | None:
         return None
     if Fragment(item.tensor, item.src_box, item.dst_box, item.axes).is_permuted or runs(item.src_shape, item.src_box).count != 1:
         return None
+    files.fd(item.file)  # opened (and leased) first: a file that cannot be guarded is copied, not kept mapped
+    if not files.keepable(item.file):
+        return None
     view = files.tensor(item)[box_slices(item.src_box)]
+    files.keep(item, item.src_box)
     files.advise(item, item.src_box, mmap.MADV_WILLNEED)
     files.count(item.nbytes)
     return view.reshape(param.shape)

@@ -242,6 +242,18 @@ def write_private_atomically(path: str, data: bytes) -> None:
             os.unlink(tmp)
 
 
+def read_private_json(path: str):
+    """The JSON in a file of this user's at ``path`` (not through a symlink), else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, encoding="utf-8") as f:
+            if os.fstat(f.fileno()).st_uid != os.getuid():
+                return None
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def open_part(base: str, path: str, size: int) -> int:
     """The ``.part`` file at ``path`` (below the repo's cache folder ``base``), opened read-write: created
     private and sparse, ``size`` bytes."""
@@ -292,14 +304,7 @@ def record_ranges(
 
 def read_manifest(path: str, *, file: str, size: int, sha256: str | None, git_sha1: str | None = None) -> RangeManifest | None:
     """The manifest at ``path`` if it exists and describes this very file (same size and hashes), else None."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, encoding="utf-8") as f:
-            if os.fstat(f.fileno()).st_uid != os.getuid():
-                return None
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
+    data = read_private_json(path)
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         return None
     if data.get("file") != file or data.get("size") != size:
@@ -345,13 +350,9 @@ def stamped(root: str, repo_id: str, path: str, *, checksum: str) -> bool:
     real = os.path.realpath(path)
     try:
         st = os.stat(real)
-        fd = os.open(stamp_path(root, repo_id, real), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, encoding="utf-8") as f:
-            if os.fstat(f.fileno()).st_uid != os.getuid():
-                return False
-            data = json.load(f)
-    except (OSError, ValueError):
+    except OSError:
         return False
+    data = read_private_json(stamp_path(root, repo_id, real))
     return isinstance(data, dict) and data.get("checksum") == checksum and data.get("state") == _state(st)
 
 

@@ -25,9 +25,8 @@ from planning.errors import CheckpointError
 from tests import checkpoints
 from tests.conftest import wait_until_clean
 from tests.hub_server import HubServer
-from workers.assemble import assemble_state_dict
+from tests.test_hub_fetch import _load_in_process as load_in_process
 from workers.fetcher import FetchOptions, NodeFetcher
-from workers.rank_worker import RankWorker
 
 REPO, OTHER = "org/tiny", "org/other"
 UNREACHABLE = "http://127.0.0.1:9"  # nothing listens there
@@ -62,15 +61,8 @@ def _copy_cache(hf_cache, tmp_path) -> tuple[str, dict[str, str]]:
 
 
 def _load_in_process(plan, paths: dict[str, str]) -> dict:
-    workers = [RankWorker(plan, r.rank) for r in plan.ranks]
-    for w in workers:
-        w.load(paths)
-    for w in workers:
-        for s in w.rank_plan.sends:
-            workers[s.to_rank].receive_tied(w.tied_for(s.to_rank))
-    for w in workers:
-        w.finalize()
-    return assemble_state_dict(plan, {w.rank: w.local_state() for w in workers})
+    """Every rank of ``plan`` read in this process from ``paths``; the reassembled state."""
+    return load_in_process(plan, {node.node: paths for node in plan.nodes})
 
 
 def test_a_snapshot_folder_of_symlinks_into_blobs_loads_like_any_folder(folders, hf_cache):

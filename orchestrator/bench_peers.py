@@ -45,11 +45,10 @@ def meshload_ranks(m, ready_at: float) -> list[dict]:
 
 
 def run_meshload(path: str, dtype: str, tp: int, nodes: int, address: str, plan_cache: str | bool) -> list[dict]:
-    import ray
-
     import orchestrator
+    from orchestrator.cluster import join
 
-    ray.init(address=address, log_to_driver=False)
+    join(address, log_to_driver=False)  # over loopback to an embedded cluster
     with orchestrator.load(path, tp=tp, nodes=nodes, dtype=dtype, progress=False, plan_cache=plan_cache) as m:
         return meshload_ranks(m, time.time())
 

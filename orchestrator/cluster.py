@@ -13,8 +13,9 @@ instead of every interface. Loopback is still reachable by the machine's other u
 authentication is on: a fresh random token in a file only this user can read (a 0600 file in a 0700
 folder), given to the cluster's processes and to this driver through ``RAY_AUTH_MODE=token`` and
 ``RAY_AUTH_TOKEN_PATH`` for the cluster's lifetime, and removed with it. (Ray turns a driver's
-``127.0.0.1`` address into the host's own address before dialing it; ``EmbeddedCluster.connect`` keeps
-it on loopback.)
+``127.0.0.1`` address into the host's own address before dialing it; ``EmbeddedCluster.connect``, and
+``join`` for any process given such a cluster's address, keep it on loopback. Another process joining
+it needs its token: the environment of a process the driver starts carries it.)
 
 A wrong address never hangs: the GCS port is probed with a timeout before ``ray.init``.
 
@@ -28,7 +29,7 @@ import os
 import shutil
 import socket
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from planning.errors import MeshloadError
@@ -118,6 +119,28 @@ def _reload_ray_auth() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
+def join(address: str, **init_kwargs) -> None:
+    """``ray.init(address=...)`` — over loopback when every node of that cluster is on 127.0.0.1 (a cluster
+    bound to loopback, such as an embedded one, which Ray would otherwise dial at the host's own address)."""
+    import ray
+
+    with _loopback_driver() if _on_loopback(address) else nullcontext():
+        ray.init(address=address, **init_kwargs)
+
+
+def _on_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0]
+    if host not in (LOOPBACK, "localhost"):
+        return False
+    try:
+        from ray._raylet import GcsClient
+
+        nodes = GcsClient(address=f"{LOOPBACK}:{address.rpartition(':')[2]}").get_all_node_info(timeout=10).values()
+    except Exception:  # noqa: BLE001 - not a cluster we can ask (then Ray's own rules apply)
+        return False
+    return bool(nodes) and all(n.node_manager_address == LOOPBACK for n in nodes)
+
+
 @contextmanager
 def _loopback_driver():
     """While connecting a driver: let ``127.0.0.1`` mean loopback (Ray otherwise dials the host's own
@@ -168,6 +191,7 @@ class EmbeddedCluster:
         with _loopback_driver():
             ray.init(address=self.cluster.address, **init_kwargs)
 
+
     def shutdown(self) -> None:
         try:
             if self.cluster is not None:
@@ -205,7 +229,7 @@ def connect(
         address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "embedded":
         probe_address(address, timeout_s=timeout_s)
-        ray.init(address=address, log_to_driver=True)
+        join(address, log_to_driver=True)
         return RayConnection(address=address, connected_here=True)
     if address is None:
         try:

@@ -4,8 +4,9 @@
   listen on — GCS, raylets, object managers, agents, workers, the driver, the ranks' rendezvous store
   and gloo — is on loopback (read from the sockets themselves with psutil); Ray's token
   authentication is on, with a token file only this user can read, and a GCS call without it (or with
-  another token) is refused; the token is on no process's command line; the environment is restored
-  and the token removed when the cluster stops.
+  another token) is refused; the token is on no process's command line; another driver of the user
+  joins it (``orchestrator.cluster.join``); the environment is restored and the token removed when the
+  cluster stops.
 - On the shared test cluster: rank 0's rendezvous store listens on its node's address only, from the
   moment its port is handed out (no pick-release-rebind: nothing else can take the port meanwhile).
 """
@@ -29,7 +30,7 @@ LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 WILDCARD = ("0.0.0.0", "::")
 
 EMBEDDED_SCRIPT = r"""
-import json, os, sys
+import json, os, subprocess, sys
 sys.path.insert(0, {repo!r})
 import grpc, psutil, torch
 import orchestrator
@@ -66,6 +67,12 @@ out = dict(
     right_token=gcs_call((("authorization", "Bearer " + token),)),
     address=cluster.address,
 )
+# another driver of this user (a benchmark's peer, say) joins it: over loopback, with the token it inherits
+peer = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r); import ray; "
+                       "from orchestrator.cluster import join; join(%r, log_to_driver=False); "
+                       "print('PEER', len(ray.nodes()))" % ({repo!r}, cluster.address)],
+                      capture_output=True, text=True, timeout=180)
+out["peer"] = (peer.stdout.strip().splitlines() or [peer.stderr[-500:]])[-1]
 m.shutdown()
 out.update(after={{k: os.environ.get(k) for k in before}}, before=before, token_left=os.path.exists(token_path))
 print("RESULT " + json.dumps(out), flush=True)
@@ -92,6 +99,7 @@ def test_the_embedded_cluster_listens_on_loopback_only_and_needs_its_token(tmp_p
     assert out["wrong_token"].startswith("UNAUTHENTICATED"), out["wrong_token"]
     assert out["right_token"] == "OK 2 nodes", out["right_token"]
     assert not out["token_in_cmdline"]
+    assert out["peer"] == "PEER 2", out["peer"]
     assert out["after"] == out["before"] and not out["token_left"]
 
 
@@ -123,5 +131,5 @@ def test_the_rendezvous_store_listens_on_the_node_address_from_the_moment_its_po
         for rank, pid in enumerate(pids):
             ours = {(a, p) for a, p in _listening(pid) if p not in ray_ports}
             assert not [a for a, _ in ours if a in WILDCARD], f"rank {rank} listens on every interface: {ours}"
-        assert any(a == ip for a, _ in _listening(pids[0]) if _ not in ray_ports)
+        assert any(a == ip and p not in ray_ports for a, p in _listening(pids[0])), "rank 0 serves no store"
     assert wait_until_clean() == ([], [])

@@ -46,12 +46,11 @@ class RewritesAHeaderBeforeReading(RankWorker):
         return super().load(paths, bytes_fetched)
 
 
-def recording_fetcher_class() -> type:
-    """The fetch stage's actor class, recording what its constructor was given (``repr`` of the arguments)
-    in ``<cache>/constructor-args-<node>``: what Ray keeps in its control store for the actor."""
-    from orchestrator.fetch_stage import _fetcher_class
+def recording_fetcher_class(base: type) -> type:
+    """``base`` (the fetch stage's actor class), recording what its constructor was given (``repr`` of the
+    arguments) in ``<cache>/constructor-args-<node>``: what Ray keeps in its control store for the actor."""
 
-    class RecordingFetcher(_fetcher_class()):
+    class RecordingFetcher(base):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             with open(os.path.join(self.root, f"constructor-args-{self.node}"), "w", encoding="utf-8") as f:

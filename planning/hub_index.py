@@ -12,7 +12,9 @@ the fetch stage — every file's size and sha256. This module gets exactly that:
 4. per safetensors file two range requests — ``bytes=0-7`` then exactly the JSON header — validated by
    ``planning.safetensors_header``. Not one byte of tensor data is requested. The header bytes are kept
    in the cache's range store (``planning.hub_cache``: a sparse part holding just the header), so a
-   later offline plan, or a range fetch on this machine, does not ask for them again.
+   later plan (online or offline), or a range fetch on this machine, does not ask for them again: a
+   commit's header found intact in this machine's cache (a whole file meshload hashed and that has not
+   changed since, or a part whose header pieces still hash as recorded) is used as it is.
 
 Every file is addressed by the resolved commit, so the plan, and every node's fetch, read the same
 version even if the branch moves meanwhile.
@@ -324,36 +326,46 @@ def _resolve_online(repo_id: str, *, revision: str | None, root: str, token) -> 
     http_headers = build_hf_headers(token=token)
     timeout = float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
 
-    def header_of(name: str) -> SafetensorsHeader:
-        url = hf_hub_url(repo_id, name, revision=commit, endpoint=endpoint)
-        return _retrying(
-            lambda: fetch_header(url, file=name, size=listing[name].size, headers=http_headers, timeout=timeout),
-            repo_id=repo_id, revision=commit, what=f"{name} (header)",
-        )
-
-    with ThreadPoolExecutor(max_workers=min(HEADER_FETCH_WORKERS, len(files))) as pool:
-        fetched = dict(zip(files, pool.map(header_of, files)))
-    headers = {name: replace(header, sha256=header_digest(raw)) for name, (header, raw) in fetched.items()}
     sha256 = {f: listing[f].lfs.sha256 for f in files if listing[f].lfs is not None}
     for f, value in sha256.items():
         check_sha256(value, where=f"{where}/{f}: the Hub's listing at {endpoint}")
     git_sha1 = {f: listing[f].blob_id for f in files if listing[f].lfs is None and listing[f].blob_id}
     for f, value in git_sha1.items():  # a file kept in git, not LFS: its git blob id is its checksum
         check_git_sha1(value, where=f"{where}/{f}: the Hub's listing at {endpoint}")
+
+    def header_of(name: str) -> tuple[SafetensorsHeader, bytes | None]:
+        kept = _cached_header(root, repo_id, commit, name, size=listing[name].size, checksum=sha256.get(name) or git_sha1.get(name))
+        if kept is not None:  # this commit's header, already in this machine's cache and still intact
+            return kept, None
+        url = hf_hub_url(repo_id, name, revision=commit, endpoint=endpoint)
+        header, raw = _retrying(
+            lambda: fetch_header(url, file=name, size=listing[name].size, headers=http_headers, timeout=timeout),
+            repo_id=repo_id, revision=commit, what=f"{name} (header)",
+        )
+        return replace(header, sha256=header_digest(raw)), raw
+
+    with ThreadPoolExecutor(max_workers=min(HEADER_FETCH_WORKERS, len(files))) as pool:
+        fetched = dict(zip(files, pool.map(header_of, files)))
+    headers = {name: header for name, (header, _) in fetched.items()}
     for name, (header, raw) in fetched.items():
-        _keep_header(root, repo_id, commit, name, size=header.file_size, sha256=sha256.get(name), raw=raw)
+        if raw is not None:
+            _keep_header(root, repo_id, commit, name, size=header.file_size, sha256=sha256.get(name),
+                         git_sha1=git_sha1.get(name), raw=raw)
     index = index_from_headers(None, headers, weight_map=weight_map, sha256=sha256, git_sha1=git_sha1, index_name=entry)
     return ResolvedModel(ref_source=repo_id, kind="hub", root=None, revision=commit, config_dict=config_dict, index=index)
 
 
-def _keep_header(root: str, repo_id: str, commit: str, name: str, *, size: int, sha256: str | None, raw: bytes) -> None:
+def _keep_header(
+    root: str, repo_id: str, commit: str, name: str, *, size: int, sha256: str | None, git_sha1: str | None, raw: bytes
+) -> None:
     """Keep a fetched header in the cache's range store: offline planning and range fetches reuse it.
 
     Best effort: a read-only or full cache only costs those later requests.
     """
     try:
         hub_cache.record_ranges(
-            root, repo_id, commit=commit, filename=name, size=size, sha256=sha256, start=0, data=raw, lock_timeout_s=5.0
+            root, repo_id, commit=commit, filename=name, size=size, sha256=sha256, git_sha1=git_sha1, start=0, data=raw,
+            lock_timeout_s=5.0
         )
     except Exception as exc:  # noqa: BLE001 - an optimisation; planning goes on
         log.warning("meshload: could not keep the header of %s in %s (%s)", name, root, exc)
@@ -375,25 +387,51 @@ def _cached_names(root: str, repo_id: str, commit: str) -> set[str]:
     return names
 
 
-def _partial_header(root: str, repo_id: str, commit: str, name: str) -> tuple[SafetensorsHeader, str | None] | None:
-    """The header of a range-fetched file, if its manifest covers it."""
+def _partial_header(root: str, repo_id: str, commit: str, name: str, *, size: int | None = None,
+                    sha256: str | None = None) -> tuple[SafetensorsHeader, hub_cache.RangeManifest] | None:
+    """The header of a range-fetched file, if its manifest covers it and the pieces holding it still hash
+    as recorded (``size``/``sha256``: also those the manifest must describe)."""
     data, manifest_path = hub_cache.range_paths(root, repo_id, commit=commit, filename=name)
+    raw = hub_cache.read_private_json(manifest_path)
+    if not isinstance(raw, dict):
+        return None
     try:
-        with open(manifest_path, encoding="utf-8") as f:
-            raw = json.load(f)
-        size, sha = int(raw["size"]), raw.get("sha256")
-    except (OSError, ValueError, KeyError, TypeError):
+        size, sha = (int(raw["size"]) if size is None else size), (raw.get("sha256") if sha256 is None else sha256)
+    except (KeyError, TypeError, ValueError):
         return None
     manifest = hub_cache.read_manifest(manifest_path, file=name, size=size, sha256=sha)
     if manifest is None or manifest.missing([(0, min(8, size))]):
         return None
-    with open(data, "rb") as f:
-        n = header_length(f.read(8), file=name, file_size=size)
+    try:
+        fd = os.open(data, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        prefix = os.pread(fd, 8, 0)
+        n = header_length(prefix, file=name, file_size=size)
         if manifest.missing([(0, 8 + n)]):
             return None
-        body = f.read(n)
+        if any(hub_cache.piece_digest(fd, a, b) != d for a, b, d in manifest.touching([(0, 8 + n)])):
+            return None  # the part changed on disk: not a header to plan from
+        body = os.pread(fd, n, 8)
+    finally:
+        os.close(fd)
     header = parse_header(body, file=name, file_size=size)
-    return replace(header, sha256=header_digest(struct.pack("<Q", n) + body)), manifest
+    return replace(header, sha256=header_digest(prefix + body)), manifest
+
+
+def _cached_header(root: str, repo_id: str, commit: str, name: str, *, size: int, checksum: str | None) -> SafetensorsHeader | None:
+    """``name``'s header at ``commit`` from this machine's cache, if it is there and intact: a whole file
+    that meshload hashed to ``checksum`` and has not changed since, or a part whose header pieces still hash
+    as recorded. Else None (then it is fetched)."""
+    try:
+        path = hub_cache.complete_file(root, repo_id, commit=commit, filename=name, size=size)
+        if path is not None and checksum is not None and hub_cache.stamped(root, repo_id, path, checksum=checksum):
+            return read_header(path, display_name=name)
+        partial = _partial_header(root, repo_id, commit, name, size=size, sha256=checksum if checksum and len(checksum) == 64 else None)
+    except (CheckpointError, OSError):
+        return None
+    return partial[0] if partial is not None else None
 
 
 def _resolve_offline(repo_id: str, *, revision: str | None, root: str) -> ResolvedModel:

@@ -61,7 +61,9 @@ class LoadedModel:
             "init_inference",
             address[0],
             address[1],
-            backend="nccl" if self.plan.device == "cuda" else "gloo",
+            # NCCL only where TP collectives run on GPUs; pipeline stages alone (tp=1) pass activations
+            # through Ray, and may share one GPU (NCCL refuses two ranks on one device).
+            backend="nccl" if self.plan.device == "cuda" and self.plan.tp > 1 else "gloo",
             collective_timeout_s=self.timeout_s,
             socket_ifname="lo" if loopback else None,
         )

@@ -2,9 +2,10 @@
 
 Lifecycle, each step a method the driver calls (with a timeout):
 
-1. ``RankWorker(plan, rank)`` — cheap; sets thread count and device, and starts importing
-   transformers' model code in the background. With ``plan=None`` the rank starts while the driver
-   is still planning; ``attach(plan)`` then hands it the plan.
+1. ``RankWorker(plan, rank, device=...)`` — cheap; sets thread count and, in the background, readies
+   the device (CUDA context, page-locked staging buffers). With ``plan=None`` the rank starts while
+   the driver is still planning, importing transformers' model code meanwhile; ``attach(plan)`` then
+   hands it the plan. With a plan, that import waits until the reads are done, so it never slows them.
 2. ``load(paths)`` — reads the rank's planned byte ranges into freshly allocated local tensors
    (``workers.reader``); ``progress()`` can be polled meanwhile from another thread.
 3. ``tied_for(rank)`` / ``receive_tied(...)`` — a tied tensor read by one pipeline stage is handed to

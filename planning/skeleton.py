@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from planning.errors import ConfigError
+from planning.errors import ConfigError, PlanError
 
 if TYPE_CHECKING:
     import torch
@@ -71,8 +71,6 @@ class Skeleton:
     num_layers: int
     heads: HeadLayout | None
     vocab_size: int | None
-    ignore_unexpected: tuple[str, ...] = ()  # regexes: checkpoint keys transformers ignores on load
-    ignore_missing: tuple[str, ...] = ()
     by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -130,6 +128,53 @@ def model_class_for(config: Any, model_class: str | None = None, *, source: str 
     return cls
 
 
+# transformers' auto classes a config without ``architectures`` may be meant for, in order of preference.
+_AUTO_MAPPINGS = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "MODEL_MAPPING_NAMES")
+
+
+def choose_model_class(config: Any, checkpoint_keys, *, source: str = "config.json") -> str | None:
+    """The class to build when ``config.json`` names none (``architectures``): of the model type's auto
+    classes (causal LM, masked LM, base model), the one whose tensors the checkpoint fills most, the base-model
+    prefix added or stripped as ``from_pretrained`` does; on a tie, the one leaving fewest parameters
+    initialised, then the first. ``None`` when ``architectures`` names the class (it is used as is)."""
+    if config.architectures:
+        return None
+    import torch
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    keys = set(checkpoint_keys)
+    best: tuple[tuple[int, int], str] | None = None
+    for mapping in _AUTO_MAPPINGS:
+        name = getattr(modeling_auto, mapping).get(config.model_type)
+        name = name[0] if isinstance(name, (list, tuple)) else name
+        cls = getattr(transformers, name, None) if name else None
+        if cls is None:
+            continue
+        try:
+            with _BUILD_LOCK, torch.device("meta"):
+                model = cls._from_config(config)
+        except Exception:  # noqa: BLE001 - a class this config cannot build is simply not a candidate
+            continue
+        prefix = model.base_model_prefix
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+
+        def stored(name: str) -> bool:
+            stripped = name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else None
+            return name in keys or f"{prefix}.{name}" in keys or stripped in keys
+
+        state = list(model.state_dict())
+        filled = sum(1 for n in state if stored(n))
+        missing = sum(1 for n, _ in model.named_parameters() if not stored(n) and n not in tied)
+        score = (filled, -missing)
+        if best is None or score > best[0]:
+            best = (score, name)
+    if best is None:
+        raise ConfigError(f"{source}: no 'architectures' entry and no transformers class for model_type "
+                          f"{config.model_type!r}; pass model_class= (e.g. 'LlamaForCausalLM' or 'BertModel')")
+    return best[1]
+
+
 def check_config(config: Any, *, source: str = "config.json") -> None:
     """Fail-fast checks transformers does not do itself, with the values in the message."""
     text = config.get_text_config()
@@ -151,33 +196,56 @@ def check_config(config: Any, *, source: str = "config.json") -> None:
         )
 
 
+def check_attention(cls: type, attn_implementation: str | None) -> None:
+    """An explicit attention implementation the class does not declare support for is refused, naming the class
+    (transformers' own flags, ``_supports_sdpa`` / ``_supports_flash_attn``); ``None`` lets transformers choose."""
+    supported = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
+    flag = supported.get(attn_implementation or "")
+    if flag is not None and not getattr(cls, flag, False):
+        fallback = "'sdpa' or 'eager'" if getattr(cls, "_supports_sdpa", False) else "'eager'"
+        raise PlanError(
+            f"attn_implementation={attn_implementation!r}: {cls.__name__} does not support it; pass "
+            f"attn_implementation={fallback}, or leave it unset for transformers' choice (sdpa where the class "
+            f"supports it, else eager)"
+        )
+
+
 def build_meta_model(
     config: Any,
     *,
     model_class: str | None = None,
     dtype: torch.dtype,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     source: str = "config.json",
 ) -> torch.nn.Module:
     """Instantiate the model on the meta device (no memory, no I/O, no weight init).
 
-    ``attn_implementation`` must be one transformers can set up without importing a kernel
-    ("sdpa" or "eager"); flash attention is switched on later, on the workers.
+    ``attn_implementation``: ``None`` for transformers' default (sdpa where the class supports it,
+    else eager), or an explicit one, refused if the class cannot honour it. Flash attention is only
+    checked here; it is switched on later, on the workers (the model is built with the default).
     """
     import torch
 
     cls = model_class_for(config, model_class, source=source)
     check_config(config, source=source)
+    check_attention(cls, attn_implementation)
+    build_with = None if attn_implementation == "flash_attention_2" else attn_implementation
     try:
         # transformers sets torch's process-wide default dtype (and patches init functions) while it
         # builds; two builds at once in one process (a rank's background skeleton, several ranks in a
         # test) would restore each other's state wrongly, so builds take turns.
         with _BUILD_LOCK, torch.device("meta"):
-            model = cls._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+            model = cls._from_config(config, dtype=dtype, attn_implementation=build_with)
     except (ValueError, TypeError, AttributeError, IndexError, ZeroDivisionError, RuntimeError) as exc:
         raise ConfigError(f"{source}: cannot build {cls.__name__} from this config: {exc}") from None
     model.eval()
     return model
+
+
+def attention_of(model: torch.nn.Module) -> str:
+    """The attention implementation transformers set up for ``model`` (its choice when none was requested)."""
+    chosen = getattr(model.config, "_attn_implementation", None)
+    return chosen if isinstance(chosen, str) and chosen else "eager"
 
 
 def _head_layout(config: Any) -> HeadLayout | None:
@@ -258,8 +326,6 @@ def describe(model: torch.nn.Module, *, dtype: torch.dtype) -> Skeleton:
         num_layers=num_layers,
         heads=_head_layout(model.config),
         vocab_size=getattr(text, "vocab_size", None),
-        ignore_unexpected=tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
-        ignore_missing=tuple(getattr(model, "_keys_to_ignore_on_load_missing", None) or ()),
     )
 
 

@@ -19,8 +19,10 @@ reference`` with transformers' error. Results are kept per architecture in
     python -m benchmarks.model_zoo                      # every architecture (an hour or more on 2 cores)
     python -m benchmarks.model_zoo --only llama,gpt2    # rerun a few: their rows are replaced, the rest kept
     python -m benchmarks.model_zoo --only llama --dry   # print only, write nothing
+    python -m benchmarks.model_zoo --resume             # go on with the architectures not run yet
 
-Runs on the driver; starts (and stops) its own 2-node Ray cluster on 127.0.0.2-3.
+Runs on the driver; starts (and stops) its own 2-node Ray cluster on 127.0.0.2-3, started again if a
+node dies. Results are written after every architecture, so an interrupted run keeps what it did.
 """
 
 from __future__ import annotations
@@ -231,23 +233,64 @@ def git_revision() -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
-def run(archs: list[Arch], *, work: str, timeout_s: float = 300.0, log=print) -> list[Row]:
+def run(archs: list[Arch], *, work: str, timeout_s: float = 300.0, log=print, on_row=None) -> list[Row]:
+    """Check every architecture on the local cluster (restarted if one of its nodes died); ``on_row(row)``
+    after each, so an interrupted run keeps what it did."""
     rows, revision = [], git_revision()
-    for i, arch in enumerate(archs):
-        folder = os.path.join(work, arch.model_type)
-        t0 = time.perf_counter()
-        try:
-            state, logits = write_checkpoint(arch, folder)
-        except Exception as exc:  # noqa: BLE001 - transformers cannot build or run this tiny config
-            rows.append(Row(arch, _short(exc), date=datetime.date.today().isoformat(), revision=revision))
-            log(f"[{i + 1}/{len(archs)}] {arch.model_type}: no reference ({_short(exc, 160)})")
-            continue
-        outcomes = tuple(check(folder, tp=tp, pp=pp, state=state, logits=logits, timeout_s=timeout_s) for tp, pp in TOPOLOGIES)
-        rows.append(Row(arch, None, outcomes, date=datetime.date.today().isoformat(), revision=revision))
-        summary = ", ".join(f"tp={tp} pp={pp}: {o.status}" + ("" if o.status == "works" else f" ({o.detail[:160]})")
-                            for (tp, pp), o in zip(TOPOLOGIES, outcomes))
-        log(f"[{i + 1}/{len(archs)}] {arch.model_type} ({time.perf_counter() - t0:.0f} s): {summary}")
+    cluster = LocalCluster()
+    try:
+        for i, arch in enumerate(archs):
+            folder = os.path.join(work, arch.model_type)
+            t0 = time.perf_counter()
+            today = datetime.date.today().isoformat()
+            try:
+                state, logits = write_checkpoint(arch, folder)
+            except Exception as exc:  # noqa: BLE001 - transformers cannot build or run this tiny config
+                row = Row(arch, _short(exc), date=today, revision=revision)
+                log(f"[{i + 1}/{len(archs)}] {arch.model_type}: no reference ({_short(exc, 160)})")
+            else:
+                outcomes = []
+                for tp, pp in TOPOLOGIES:
+                    cluster.ensure()
+                    outcomes.append(check(folder, tp=tp, pp=pp, state=state, logits=logits, timeout_s=timeout_s))
+                row = Row(arch, None, tuple(outcomes), date=today, revision=revision)
+                summary = ", ".join(f"tp={tp} pp={pp}: {o.status}" + ("" if o.status == "works" else f" ({o.detail[:160]})")
+                                    for (tp, pp), o in zip(TOPOLOGIES, outcomes))
+                log(f"[{i + 1}/{len(archs)}] {arch.model_type} ({time.perf_counter() - t0:.0f} s): {summary}")
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    finally:
+        cluster.stop()
     return rows
+
+
+class LocalCluster:
+    """The 2-node local Ray cluster (127.0.0.2-3) this process is connected to, started again if a node died
+    (on a busy shared machine a raylet can miss its heartbeats and be declared dead)."""
+
+    def __init__(self) -> None:
+        self.cluster = None
+
+    def ensure(self) -> None:
+        import ray
+
+        if self.cluster is not None and ray.is_initialized():
+            if sum(1 for n in ray.nodes() if n["Alive"]) >= 2:
+                return
+            self.stop()
+        from orchestrator.cluster import start_embedded
+
+        self.cluster = start_embedded(2, cpus_per_node=2)
+        ray.init(address=self.cluster.address, log_to_driver=False)
+
+    def stop(self) -> None:
+        import ray
+
+        ray.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
 
 
 def render(rows: list[Row]) -> str:
@@ -285,6 +328,10 @@ def render(rows: list[Row]) -> str:
         "| architecture | class | " + " | ".join(f"tp={tp} pp={pp}" for tp, pp in TOPOLOGIES) + " | details | ran with |",
         "| --- | --- | " + " | ".join("---" for _ in TOPOLOGIES) + " | --- | --- |",
     ]
+    not_run = sorted({a.model_type: a for a in architectures()}.keys() - {r.arch.model_type for r in rows})
+    if not_run:
+        lines.insert(-2, f"Not run yet ({len(not_run)}; `--resume` runs them): {', '.join(not_run)}.")
+        lines.insert(-2, "")
     for row in rows:
         if row.reference_error:
             cells = ["no reference"] * len(TOPOLOGIES)
@@ -300,27 +347,13 @@ def render(rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_cluster():
-    """A 2-node local Ray cluster (127.0.0.2-3) this process is connected to."""
-    import ray
-
-    from orchestrator.cluster import start_embedded
-
-    cluster = start_embedded(2, cpus_per_node=2)
-    try:
-        ray.init(address=cluster.address, log_to_driver=False)
-    except BaseException:
-        cluster.shutdown()
-        raise
-    return cluster
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.model_zoo", description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help="comma-separated model types (default: every architecture)")
     parser.add_argument("--dry", action="store_true", help="print the matrix of this run only; write nothing")
     parser.add_argument("--work", default=None, help="folder for the tiny checkpoints (default: a temporary one)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per step of each load")
+    parser.add_argument("--resume", action="store_true", help="skip architectures docs/results/models.json already has")
     args = parser.parse_args(argv)
 
     for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
@@ -337,24 +370,28 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"not in the zoo: {unknown}")
         archs = [a for a in archs if a.model_type in wanted]
-    import ray
+    if args.resume:
+        done = {r.arch.model_type for r in load_results()}
+        archs = [a for a in archs if a.model_type not in done]
+    every = [a.model_type for a in architectures()]
 
-    cluster = start_cluster()
-    try:
-        with tempfile.TemporaryDirectory(prefix="meshload-zoo-") as tmp:
-            rows = run(archs, work=args.work or tmp, timeout_s=args.timeout, log=lambda s: print(s, flush=True))
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    def keep(row: Row) -> None:  # results and matrix updated after every architecture
+        if not args.dry:
+            write(merge(load_results(), [row], keep=every))
+
+    with tempfile.TemporaryDirectory(prefix="meshload-zoo-") as tmp:
+        rows = run(archs, work=args.work or tmp, timeout_s=args.timeout, log=lambda s: print(s, flush=True), on_row=keep)
     if args.dry:
         print(render(rows))
-        return 0
-    rows = merge(load_results(), rows, keep=[a.model_type for a in architectures()])
+    else:
+        print(f"matrix written to {MODELS_MD} ({len(load_results())} architectures)")
+    return 0
+
+
+def write(rows: list[Row]) -> None:
     save_results(rows)
     with open(MODELS_MD, "w", encoding="utf-8") as f:
         f.write(render(rows))
-    print(f"matrix written to {MODELS_MD} ({len(rows)} architectures)")
-    return 0
 
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")

@@ -238,7 +238,8 @@ def _apply_ops(converter, collected: dict[str, list[Source]], renamed: str, skel
         else:
             raise ConversionError(
                 f"{renamed}: conversion op {type(op).__name__} is not supported by meshload's slice planner "
-                f"(supported: MergeModulelist, Concatenate, Chunk, Split, Transpose)"
+                f"(supported: MergeModulelist, Concatenate, Chunk, Split, Transpose); convert the checkpoint once "
+                f"(transformers' from_pretrained, then save_pretrained) and load the converted folder"
             )
     out = {}
     for pattern, value in state.items():

@@ -57,13 +57,16 @@ def assign_stages(
     tensor_bytes: dict[str, int],
     budgets: list[int | None] | None = None,
     device_map: dict[str, int] | None = None,
+    run_before_layers: list[str] | None = None,
 ) -> StageLayout:
-    """Cut the model into ``pp`` stages (see module docstring). ``budgets[s]`` bounds stage ``s``'s bytes per rank."""
+    """Cut the model into ``pp`` stages (see module docstring). ``budgets[s]`` bounds stage ``s``'s bytes per rank.
+    ``run_before_layers``: modules the forward calls before the first layer (``skeleton.modules_before_layers``)."""
     prefix, layers, suffix = _sections(skeleton)
     if pp == 1:
         return StageLayout(((0, len(layers)),), {t.name: 0 for t in skeleton.tensors})
     if skeleton.layers_path is None:
         raise PlanError(f"pp={pp}: {skeleton.class_name} has no repeated-layer list to split into stages")
+    _check_order(skeleton, pp, suffix, run_before_layers or [])
     if len(layers) < pp:
         raise PlanError(f"pp={pp} exceeds the number of layers ({len(layers)}) of {skeleton.class_name}")
     if device_map is not None:
@@ -80,6 +83,17 @@ def assign_stages(
             for n in layers[i]:
                 stage_of[n] = s
     return StageLayout(ranges, stage_of)
+
+
+def _check_order(skeleton: Skeleton, pp: int, suffix: list[str], run_before_layers: list[str]) -> None:
+    """Stages follow the module order, so a module stored after the layer list but run before it (MPNet's
+    ``encoder.relative_attention_bias``, whose output every layer of every stage uses) has no stage: refuse."""
+    early = sorted({n for n in suffix if any(n.startswith(m + ".") for m in run_before_layers)})
+    if early:
+        raise PlanError(
+            f"pp={pp}: {skeleton.class_name} stores {early} after {skeleton.layers_path} but runs it before the first "
+            f"layer, for every layer; pipeline stages cannot split it. Use pp=1 (tp splits the model instead)"
+        )
 
 
 def _balanced_cuts(cost: list[int], pp: int, head: int, tail: int, limits: list[int]) -> list[int]:

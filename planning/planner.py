@@ -28,6 +28,7 @@ from planning.skeleton import (
     describe,
     dtype_name,
     flash_attention_available,
+    modules_before_layers,
     parse_dtype,
 )
 from planning.tp_plans import check_user_plan, effective_plan
@@ -151,6 +152,11 @@ def make_plan(
     )
     attn_implementation = attn_implementation or attention_of(meta)
     skeleton = describe(meta, dtype=torch_dtype)
+    if skeleton.heads_vary and tp > 1:
+        raise PlanError(
+            f"tp={tp}: {skeleton.class_name}'s attention head counts vary per layer (config.per_layer_config), and "
+            f"splitting heads needs one count for every layer; use tp=1 (pp splits the model instead)"
+        )
     check_user_plan(tp_plan, skeleton, [name for name, _ in meta.named_modules() if name])
     plan_dict = effective_plan(meta, user_plan=tp_plan)
     sources = build_source_map(meta, skeleton, resolved.index, renamings=renamings, where=str(resolved.ref_source))
@@ -160,7 +166,9 @@ def make_plan(
         None if any(b is None for b in budgets[s * tp : (s + 1) * tp]) else min(budgets[s * tp : (s + 1) * tp]) * tp
         for s in range(pp)
     ]
-    stages = assign_stages(skeleton, pp, tensor_bytes=tensor_bytes, budgets=stage_budgets, device_map=device_map)
+    early = modules_before_layers(meta, skeleton.layers_path) if pp > 1 and skeleton.layers_path else None
+    stages = assign_stages(skeleton, pp, tensor_bytes=tensor_bytes, budgets=stage_budgets, device_map=device_map,
+                           run_before_layers=early)
     ref = ModelRef(
         source=str(resolved.ref_source),
         kind=resolved.kind,

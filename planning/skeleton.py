@@ -71,6 +71,7 @@ class Skeleton:
     num_layers: int
     heads: HeadLayout | None
     vocab_size: int | None
+    heads_vary: bool = False  # head counts differ per layer (heterogeneous config): no single HeadLayout
     by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -106,8 +107,10 @@ def config_from_dict(config_dict: dict[str, Any], *, source: str = "config.json"
         )
     if model_type not in CONFIG_MAPPING:
         raise ConfigError(f"{source}: model_type {model_type!r} is not known to this transformers version")
+    cls = CONFIG_MAPPING[model_type]
     try:
-        return CONFIG_MAPPING[model_type].from_dict(dict(config_dict))
+        # save_pretrained writes infinities and NaN as {"__float__": "Infinity"}; decoded as from_pretrained does
+        return cls.from_dict(cls._decode_special_floats(dict(config_dict)))
     except Exception as exc:  # noqa: BLE001 - transformers' validators raise several unrelated types
         cause = exc.__cause__ or exc
         raise ConfigError(f"{source}: invalid {model_type} config: {cause}") from None
@@ -175,15 +178,35 @@ def choose_model_class(config: Any, checkpoint_keys, *, source: str = "config.js
     return best[1]
 
 
+def _global(config: Any, name: str):
+    """``config.<name>``, or None when the config has no single value for it (heterogeneous configs keep
+    some sizes per layer, and transformers refuses to answer for the whole model)."""
+    try:
+        return getattr(config, name, None)
+    except RuntimeError as exc:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        if "per-layer" in str(exc):
+            return None
+        raise
+
+
+def _per_layer(config: Any, name: str) -> bool:
+    """Whether ``config`` keeps ``name`` per layer (no single value for the whole model)."""
+    try:
+        getattr(config, name, None)
+    except RuntimeError as exc:
+        return "per-layer" in str(exc)
+    return False
+
+
 def check_config(config: Any, *, source: str = "config.json") -> None:
     """Fail-fast checks transformers does not do itself, with the values in the message."""
     text = config.get_text_config()
-    hidden = getattr(text, "hidden_size", None)
-    heads = getattr(text, "num_attention_heads", None)
-    kv = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None)
+    hidden = _global(text, "hidden_size")
+    heads = _global(text, "num_attention_heads")
+    kv = _global(text, "num_key_value_heads") or heads
+    head_dim = _global(text, "head_dim")
     for name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size"):
-        value = getattr(text, name, None)
+        value = _global(text, name)
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise ConfigError(f"{source}: {name}={value!r} must be a positive integer")
     if hidden and heads and head_dim is None and hidden % heads:
@@ -250,12 +273,12 @@ def attention_of(model: torch.nn.Module) -> str:
 
 def _head_layout(config: Any) -> HeadLayout | None:
     text = config.get_text_config()
-    heads = getattr(text, "num_attention_heads", None)
-    hidden = getattr(text, "hidden_size", None)
+    heads = _global(text, "num_attention_heads")
+    hidden = _global(text, "hidden_size")
     if not heads or not hidden:
         return None
-    kv = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv = _global(text, "num_key_value_heads") or heads
+    head_dim = _global(text, "head_dim") or hidden // heads
     return HeadLayout(num_heads=heads, num_kv_heads=kv, head_dim=head_dim)
 
 
@@ -274,6 +297,43 @@ def _find_layers(model: torch.nn.Module) -> tuple[str | None, int]:
             if size > best_size:
                 best, best_size = name, size
     return best, (len(modules[best]) if best is not None else 0)
+
+
+class _FirstLayer(Exception):
+    """Raised by the first repeated layer's pre-hook: the trace has what it needs."""
+
+
+def modules_before_layers(model: torch.nn.Module, layers_path: str) -> list[str] | None:
+    """Modules holding tensors that the forward pass calls before the first repeated layer, in call order,
+    found by running the meta model's forward on a meta input (shapes only) until the first layer starts.
+    ``None`` when the forward cannot run that far on meta tensors (then state order is all we know)."""
+    import torch
+
+    layers = model.get_submodule(layers_path)
+    if not len(layers):
+        return None
+    called: list[str] = []
+
+    def seen(name: str):
+        return lambda module, args: called.append(name)
+
+    def stop(module, args):
+        raise _FirstLayer
+
+    hooks = [m.register_forward_pre_hook(seen(n)) for n, m in model.named_modules()
+             if n and not n.startswith(layers_path + ".") and next(iter(m.parameters(recurse=False)), None) is not None]
+    hooks.append(layers[0].register_forward_pre_hook(stop))
+    try:
+        with _BUILD_LOCK, torch.no_grad(), torch.device("meta"):
+            model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    except _FirstLayer:
+        return called
+    except Exception:  # noqa: BLE001 - a model whose forward needs real data or other inputs: no trace
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    return None
 
 
 def _fp32_overrides(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
@@ -325,7 +385,8 @@ def describe(model: torch.nn.Module, *, dtype: torch.dtype) -> Skeleton:
         layers_path=layers_path,
         num_layers=num_layers,
         heads=_head_layout(model.config),
-        vocab_size=getattr(text, "vocab_size", None),
+        vocab_size=_global(text, "vocab_size"),
+        heads_vary=any(_per_layer(text, n) for n in ("num_attention_heads", "num_key_value_heads", "head_dim")),
     )
 
 

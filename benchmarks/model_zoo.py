@@ -21,7 +21,7 @@ reference`` with transformers' error. Results are kept per architecture in
     python -m benchmarks.model_zoo --only llama --dry   # print only, write nothing
     python -m benchmarks.model_zoo --resume             # go on with the architectures not run yet
 
-Runs on the driver; starts (and stops) its own 2-node Ray cluster on 127.0.0.2-3, started again if a
+Runs on the driver; starts (and stops) its own 2-node Ray cluster on 127.0.0.12-13, started again if a
 node dies. Results are written after every architecture, so an interrupted run keeps what it did.
 """
 
@@ -265,9 +265,12 @@ def run(archs: list[Arch], *, work: str, timeout_s: float = 300.0, log=print, on
     return rows
 
 
+ZOO_IPS = ("127.0.0.12", "127.0.0.13")  # loopback addresses of its own, apart from the test suite's 127.0.0.2-4
+
+
 class LocalCluster:
-    """The 2-node local Ray cluster (127.0.0.2-3) this process is connected to, started again if a node died
-    (on a busy shared machine a raylet can miss its heartbeats and be declared dead)."""
+    """The 2-node local Ray cluster (127.0.0.12-13) this process is connected to, started again if a node
+    died (on a busy shared machine a raylet can miss its heartbeats and be declared dead)."""
 
     def __init__(self) -> None:
         self.cluster = None
@@ -279,9 +282,17 @@ class LocalCluster:
             if sum(1 for n in ray.nodes() if n["Alive"]) >= 2:
                 return
             self.stop()
-        from orchestrator.cluster import start_embedded
+        from ray.cluster_utils import Cluster
 
-        self.cluster = start_embedded(2, cpus_per_node=2)
+        from orchestrator.cluster import EMBEDDED_ENV, LEAN_SYSTEM_CONFIG
+
+        for key, value in EMBEDDED_ENV.items():
+            os.environ.setdefault(key, value)
+        common = dict(num_cpus=2, object_store_memory=128 << 20)
+        self.cluster = Cluster(initialize_head=True, head_node_args=dict(
+            **common, node_ip_address=ZOO_IPS[0], include_dashboard=False, _system_config=LEAN_SYSTEM_CONFIG))
+        self.cluster.add_node(**common, node_ip_address=ZOO_IPS[1])
+        self.cluster.wait_for_nodes()
         ray.init(address=self.cluster.address, log_to_driver=False)
 
     def stop(self) -> None:

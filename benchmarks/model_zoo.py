@@ -265,7 +265,8 @@ def run(archs: list[Arch], *, work: str, timeout_s: float = 300.0, log=print, on
     return rows
 
 
-ZOO_IPS = ("127.0.0.12", "127.0.0.13")  # loopback addresses of its own, apart from the test suite's 127.0.0.2-4
+# Loopback addresses of its own, apart from the test suite's 127.0.0.2-4 (another pair for a second run at once).
+ZOO_IPS = tuple(os.environ.get("MESHLOAD_ZOO_IPS", "127.0.0.12,127.0.0.13").split(","))
 
 
 class LocalCluster:

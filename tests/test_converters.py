@@ -265,3 +265,31 @@ def test_pickle_checkpoint_with_opt_in(llama, tmp_path):
         assert r.read_bytes <= 1.05 * r.param_bytes
     state, _ = checkpoints.load_in_process(plan)
     checkpoints.assert_state_equal(state, model.state_dict())
+
+
+def test_gpt2_legacy_buffers_as_transformers_treats_them(tmp_path, capsys):
+    """GPT-2 checkpoints of older transformers versions hold per-layer ``attn.bias`` (which GPT-2 declares it
+    ignores) and ``attn.masked_bias`` (which transformers reports as unexpected): loaded anyway, state bit-exact,
+    reported as from_pretrained reports them, and printed by ``meshload plan``."""
+    from transformers import GPT2LMHeadModel
+
+    from orchestrator.cli import main
+
+    saved = checkpoints.family(str(tmp_path / "gpt2"), "gpt2", shard=None)
+
+    def legacy(state):
+        for i in range(3):
+            state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(128, 128, dtype=torch.bool))[None, None]
+            state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        return state
+
+    path = checkpoints.rewrite(saved, str(tmp_path / "legacy"), legacy)
+    reference, info = GPT2LMHeadModel.from_pretrained(path, output_loading_info=True)
+    plan = orchestrator.plan(path, tp=2)
+    assert plan.keys.ignored == tuple(f"transformer.h.{i}.attn.bias" for i in range(3))
+    assert plan.keys.unexpected == tuple(sorted(info["unexpected_keys"])) == tuple(f"transformer.h.{i}.attn.masked_bias" for i in range(3))
+    assert plan.keys.missing == ()
+    state, _ = checkpoints.load_in_process(plan)
+    checkpoints.assert_state_equal(state, reference.state_dict())
+    assert main(["plan", path, "--tp", "2"]) == 0
+    assert "not loaded: 3 checkpoint tensor(s) that match no model tensor (transformers: UNEXPECTED)" in capsys.readouterr().out

@@ -28,7 +28,7 @@ from planning.skeleton import (
     describe,
     dtype_name,
     flash_attention_available,
-    modules_before_layers,
+    trace_first_layer,
     parse_dtype,
 )
 from planning.tp_plans import check_user_plan, effective_plan
@@ -166,9 +166,9 @@ def make_plan(
         None if any(b is None for b in budgets[s * tp : (s + 1) * tp]) else min(budgets[s * tp : (s + 1) * tp]) * tp
         for s in range(pp)
     ]
-    early = modules_before_layers(meta, skeleton.layers_path) if pp > 1 and skeleton.layers_path else None
+    trace = trace_first_layer(meta, skeleton.layers_path) if pp > 1 and skeleton.layers_path else None
     stages = assign_stages(skeleton, pp, tensor_bytes=tensor_bytes, budgets=stage_budgets, device_map=device_map,
-                           run_before_layers=early)
+                           trace=trace)
     ref = ModelRef(
         source=str(resolved.ref_source),
         kind=resolved.kind,

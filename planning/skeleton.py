@@ -300,40 +300,55 @@ def _find_layers(model: torch.nn.Module) -> tuple[str | None, int]:
 
 
 class _FirstLayer(Exception):
-    """Raised by the first repeated layer's pre-hook: the trace has what it needs."""
+    """Raised by the first repeated layer's forward hook: the trace has what it needs."""
 
 
-def modules_before_layers(model: torch.nn.Module, layers_path: str) -> list[str] | None:
-    """Modules holding tensors that the forward pass calls before the first repeated layer, in call order,
-    found by running the meta model's forward on a meta input (shapes only) until the first layer starts.
-    ``None`` when the forward cannot run that far on meta tensors (then state order is all we know)."""
+@dataclass(frozen=True, slots=True)
+class FirstLayerTrace:
+    """What the meta forward shows up to the first repeated layer (see ``trace_first_layer``)."""
+
+    before: tuple[str, ...] | None  # modules holding tensors called before the first layer, in call order
+    extra_outputs: int | None  # tensors a layer returns besides the hidden state (handed to the next layer)
+
+
+def trace_first_layer(model: torch.nn.Module, layers_path: str) -> FirstLayerTrace:
+    """Run the meta model's forward on a meta input (shapes only) through its first repeated layer, noting
+    which modules run before it and what the layer returns. A part the meta forward cannot reach is None
+    (a forward that needs real data or other inputs)."""
     import torch
 
     layers = model.get_submodule(layers_path)
     if not len(layers):
-        return None
+        return FirstLayerTrace(None, None)
     called: list[str] = []
+    seen: dict[str, object] = {}
 
-    def seen(name: str):
+    def record(name: str):
         return lambda module, args: called.append(name)
 
-    def stop(module, args):
+    def entered(module, args):
+        seen["before"] = tuple(called)
+
+    def returned(module, args, output):
+        seen["output"] = output
         raise _FirstLayer
 
-    hooks = [m.register_forward_pre_hook(seen(n)) for n, m in model.named_modules()
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in model.named_modules()
              if n and not n.startswith(layers_path + ".") and next(iter(m.parameters(recurse=False)), None) is not None]
-    hooks.append(layers[0].register_forward_pre_hook(stop))
+    hooks += [layers[0].register_forward_pre_hook(entered), layers[0].register_forward_hook(returned)]
     try:
         with _BUILD_LOCK, torch.no_grad(), torch.device("meta"):
             model(input_ids=torch.zeros(1, 4, dtype=torch.long))
-    except _FirstLayer:
-        return called
-    except Exception:  # noqa: BLE001 - a model whose forward needs real data or other inputs: no trace
-        return None
+    except Exception:  # noqa: BLE001 - _FirstLayer, or a forward meta tensors cannot run: keep what was seen
+        pass
     finally:
         for h in hooks:
             h.remove()
-    return None
+    extra = None
+    if "output" in seen:
+        out = seen["output"]
+        extra = sum(1 for x in out[1:] if isinstance(x, torch.Tensor)) if isinstance(out, tuple) else 0
+    return FirstLayerTrace(seen.get("before"), extra)
 
 
 def _fp32_overrides(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:

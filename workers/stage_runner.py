@@ -41,6 +41,9 @@ class CachePassthrough(torch.nn.Module):
         cache = kwargs.get("cache")  # transformers >= 5.24; "past_key_values" before
         if cache is None:
             cache = kwargs.get("past_key_values")
+        layers = getattr(cache, "layers", None)
+        if layers is not None and self.layer_idx < len(layers) and not hasattr(layers[self.layer_idx], "update"):
+            return hidden_states  # a recurrent (linear-attention, SSM) layer: its state has no length to keep
         if cache is not None and hasattr(cache, "update"):
             b, t = hidden_states.shape[0], hidden_states.shape[1]
             stub = hidden_states.new_zeros(b, 1, t, 1)

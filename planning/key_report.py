@@ -35,20 +35,16 @@ class KeyReport:
 
     def lines(self) -> list[str]:
         """Plain-text lines for a terminal or a job log; empty when there is nothing to say."""
-        out = []
-        if self.unexpected:
-            out.append(f"not loaded: {len(self.unexpected)} checkpoint tensor(s) that match no model tensor "
-                       f"(transformers: UNEXPECTED): {_clip(self.unexpected)}")
-        if self.missing:
-            out.append(f"initialised: {len(self.missing)} model tensor(s) the checkpoint does not hold, left at "
-                       f"their initialised value (transformers: MISSING): {_clip(self.missing)}")
-        if self.ignored:
-            out.append(f"ignored: {len(self.ignored)} checkpoint tensor(s) the model class declares it ignores: "
-                       f"{_clip(self.ignored)}")
-        if self.ignored_missing:
-            out.append(f"initialised as the class allows: {len(self.ignored_missing)} model tensor(s): "
-                       f"{_clip(self.ignored_missing)}")
-        return out
+        return [f"{text.format(n=len(names))}: {_clip(names)}" for field, text in _LINES if (names := getattr(self, field))]
+
+
+_LINES = (
+    ("unexpected", "not loaded: {n} checkpoint tensor(s) that match no model tensor (transformers: UNEXPECTED)"),
+    ("missing", "initialised: {n} model tensor(s) the checkpoint does not hold, left at their initialised value "
+                "(transformers: MISSING)"),
+    ("ignored", "ignored: {n} checkpoint tensor(s) the model class declares it ignores"),
+    ("ignored_missing", "initialised as the class allows: {n} model tensor(s)"),
+)
 
 
 def _clip(names: tuple[str, ...], limit: int = 12) -> str:

@@ -145,7 +145,7 @@ def make_plan(
     torch_dtype = resolve_dtype(dtype, config, resolved.index)
     meta = build_meta_model(
         config,
-        model_class=model_class or choose_model_class(config, resolved.index, source=source),
+        model_class=model_class or choose_model_class(config, resolved.index.tensors, source=source),
         dtype=torch_dtype,
         attn_implementation=attn_implementation,
         source=source,

@@ -50,7 +50,7 @@ def plan(
     tp_plan: dict[str, str] | None = None,
     device_map: dict[str, int] | None = None,
     max_memory=None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     model_class: str | None = None,
     renamings: dict[str, str] | None = None,
     revision: str | None = None,
@@ -223,7 +223,7 @@ class _Planning:
     @classmethod
     def start(cls, model, *, tp: int, pp: int, nodes: int, device: str, plan_cache, **plan_options) -> "_Planning":
         check_topology(tp, pp, nodes)
-        check_options(device=device, attn_implementation=plan_options.get("attn_implementation", "sdpa"))
+        check_options(device=device, attn_implementation=plan_options.get("attn_implementation"))
         resolve_options = {k: plan_options[k] for k in ("revision", "cache_dir", "token", "allow_pickle") if k in plan_options}
         resolved = resolve_model(model, **resolve_options)
         cache = key = None

@@ -40,6 +40,12 @@ class LoadedModel:
         self._connection = connection
         self._inference_ready = False
 
+    @property
+    def keys(self):
+        """transformers' loading report (``planning.key_report.KeyReport``): checkpoint tensors not loaded,
+        model tensors left at their initialised value, and those the model class declares ignorable."""
+        return self.plan.keys
+
     # -- state ---------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor reassembled on the driver; keys and values as transformers' own ``state_dict()``."""

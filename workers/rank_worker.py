@@ -203,7 +203,7 @@ class RankWorker:
         self._read_s = time.perf_counter() - self._t0
         self._start_prebuild()
         for p in self.rank_plan.params:
-            if p.alias_of is not None:
+            if p.alias_of is not None and p.alias_of in self.tensors:  # an initialised owner is aliased by finalize
                 self.tensors[p.name] = self.tensors[p.alias_of]
                 if p.alias_of in self._mapped:
                     self._mapped.add(p.name)
@@ -230,7 +230,7 @@ class RankWorker:
 
     def finalize(self) -> RankReport:
         """Build the local model and report. Every tensor of the rank must be present by now."""
-        missing = [p.name for p in self.rank_plan.params if not p.computed and p.name not in self.tensors]
+        missing = [p.name for p in self.rank_plan.params if not p.computed and p.alias_of is None and p.name not in self.tensors]
         if missing:
             raise RuntimeError(f"rank {self.rank}: tensors never filled: {missing}")
         t_build = time.perf_counter()
@@ -241,9 +241,6 @@ class RankWorker:
         self.model = build_local_model(
             self.plan, self.rank_plan, self.tensors, self.device, meta_model=self._skeleton.pop("model")
         )
-        for p in self.rank_plan.params:
-            if p.computed:
-                self.tensors[p.name] = self.model.get_buffer(p.name)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         where = self.where()

@@ -103,12 +103,17 @@ class RankGroup:
         worker_options: dict | None = None,
         placement_timeout_s: float = 60.0,
         poll: Callable[[], None] | None = None,
+        plan: LoadPlan | None = None,
     ) -> "RankGroup":
-        """Reserve the nodes and start one actor per rank, without a plan (``attach`` gives it); returns
-        once every actor answers. ``poll()`` is called while waiting (it may raise, e.g. when planning
-        failed meanwhile)."""
+        """Reserve the nodes and start one actor per rank — with ``plan`` when it is already known (a
+        cached or given plan: each rank then checks its node can run it), else without (``attach``
+        gives it later); returns once every actor answers. ``poll()`` is called while waiting (it may
+        raise, e.g. when planning failed meanwhile)."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if plan is not None:
+            self._plan_ref = ray.put(plan)
 
         self._placement_timeout_s = placement_timeout_s
         num_nodes = max(self.node_of_rank) + 1
@@ -136,7 +141,14 @@ class RankGroup:
         self.actors = [spawn(r) for r in range(len(self.node_of_rank))]
         for rank, info in enumerate(self.call("where", timeout_s=placement_timeout_s + 120, poll=poll)):
             self._record(rank, info)
+        if plan is not None:
+            self.call("check_kernels")
         return self
+
+    @property
+    def attached(self) -> bool:
+        """Whether the ranks have their plan (given at start, or by ``attach``)."""
+        return self._plan_ref is not None
 
     def attach(self, plan: LoadPlan) -> None:
         """Hand the plan to ranks started without one (each checks its node can run it)."""

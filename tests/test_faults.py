@@ -47,10 +47,37 @@ def test_tied_sender_killed_is_restarted_and_receiver_gets_it(ray_cluster, ckpt,
     assert wait_until_clean() == ([], [])
 
 
+@pytest.mark.parametrize(
+    "phase, victim",
+    [("start", 1), ("import", 1), ("attach", 1), ("tie send", 0), ("tie receive", 1), ("finalize", 1)],
+)
+def test_rank_killed_in_any_phase_of_the_load_is_restarted_and_load_is_bit_exact(ray_cluster, ckpt, tmp_path, phase, victim):
+    """pp=2 over 2 nodes, tied embeddings: rank 0 (stage 0) reads the embedding and hands it to rank 1's
+    LM head, so every phase of the load runs; the victim's process is SIGKILLed in ``phase``, once."""
+    path, state = ckpt
+    worker = fault_workers.killed_in(phase, str(tmp_path), victim=victim)
+    with orchestrator.load(path, pp=2, nodes=2, worker_cls=worker, progress=False) as m:
+        assert len(os.listdir(tmp_path)) == 1  # the victim really died, once
+        assert [r.restarts for r in m.report] == [int(r == victim) for r in range(2)]
+        checkpoints.assert_state_equal(m.full_state_dict(), state)
+    assert wait_until_clean() == ([], [])
+
+
+def test_rank_that_keeps_dying_as_it_starts_is_named_with_its_node_and_phase(ray_cluster, ckpt, tmp_path):
+    """The issue's case: a rank's process SIGKILLed as soon as it appears, every time. Its node is known
+    from its placement bundle before it ever answers."""
+    path, _ = ckpt
+    worker = fault_workers.killed_in("start", str(tmp_path), victim=1, times=5)
+    with pytest.raises(RankError, match=r"rank 1 \(node 127\.0\.0\.\d\) died 2 times during start; giving up after 1 restart"):
+        orchestrator.load(path, tp=2, nodes=2, worker_cls=worker, max_restarts=1, progress=False)
+    assert len(os.listdir(tmp_path)) == 2
+    assert wait_until_clean() == ([], [])
+
+
 def test_repeated_deaths_give_up_with_the_rank_named(ray_cluster, ckpt, tmp_path):
     path, _ = ckpt
     worker = fault_workers.killed_mid_load(str(tmp_path), victim=1, times=5)
-    with pytest.raises(RankError, match=r"rank 1 \(node 127\.0\.0\.\d\) died 2 times during load; giving up after 1 restart"):
+    with pytest.raises(RankError, match=r"rank 1 \(node 127\.0\.0\.\d\) died 2 times during read; giving up after 1 restart"):
         orchestrator.load(path, tp=2, nodes=2, worker_cls=worker, max_restarts=1, progress=False)
     assert len(os.listdir(tmp_path)) == 2
     assert wait_until_clean() == ([], [])

@@ -4,6 +4,7 @@ inference (logits within 1e-4, identical greedy tokens) on the same ranks."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -76,7 +77,8 @@ def test_file_truncated_after_planning_fails_on_the_rank_cleanly(ray_cluster, ck
     with pytest.raises(CheckpointError) as err:
         orchestrator.load(plan, progress=False)
     assert f"{victim}: unexpected end of file" in str(err.value)
-    assert "[Rank " in str(err.value)
+    message = str(err.value)  # grouped: the ranks, their node and the phase
+    assert re.match(r"\[Rank \d(, \d)*\] \(node 127\.0\.0\.\d\): CheckpointError: ", message) and message.endswith("[during read]"), message
     assert wait_until_clean() == ([], [])
 
 

@@ -164,6 +164,7 @@ def load(
         files = _rank_files(load_plan, group, dict(mode=fetch, max_gap_bytes=fetch_gap_bytes, **plan_options),
                             progress=progress, fetcher_cls=fetcher_cls)
         files.fetch()
+        group.revive(group.dead_ranks(group.ranks), phase="fetch")  # ranks that died while their node fetched
         phases.mark("fetch")
         reports = materialize(load_plan, group, files, progress=progress)
         phases.mark("materialize")

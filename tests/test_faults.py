@@ -136,6 +136,36 @@ orchestrator.load({path!r}, tp=2, nodes=2, worker_cls=fault_workers.slow_load(60
     assert wait_until_clean() == ([], [])
 
 
+def test_driver_killed_mid_load_leaves_no_actor_or_placement_group(ray_cluster, ckpt, tmp_path):
+    """A driver SIGKILLed (a crashed notebook, ``ray job stop``) while its ranks read: Ray's ownership
+    removes what it made — its actors and placement group are neither detached nor named."""
+    path, _ = ckpt
+    script = f"""
+import sys
+sys.path.insert(0, {os.getcwd()!r})
+import orchestrator
+from tests import fault_workers
+orchestrator.load({path!r}, tp=2, nodes=2, worker_cls=fault_workers.slow_load(60, marker_dir={str(tmp_path)!r}), progress=False)
+"""
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len([f for f in os.listdir(tmp_path) if f.startswith("loading-")]) < 2:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "ranks never started loading"
+            time.sleep(0.2)
+        actors, groups = live_actors_and_groups()
+        assert len(actors) == 2 and len(groups) == 1, (actors, groups)
+        proc.kill()
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert wait_until_clean(timeout_s=60) == ([], [])
+
+
 def test_ctrl_c_stops_an_embedded_cluster_too(ckpt, tmp_path):
     """Without a cluster to join, load starts an embedded one; Ctrl-C must stop its processes too."""
     path, _ = ckpt

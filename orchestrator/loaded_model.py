@@ -45,7 +45,7 @@ T = TypeVar("T")
 
 class LoadedModel:
     def __init__(
-        self, plan: LoadPlan, report: list[RankReport], group, connection, *, files=None, timeout_s: float = 600.0,
+        self, plan: LoadPlan, report: list[RankReport], group, connection, *, files, timeout_s: float = 600.0,
         timings: dict[str, float] | None = None, plan_cached: bool = False,
     ) -> None:
         self.plan = plan
@@ -62,7 +62,7 @@ class LoadedModel:
     @property
     def fetch_report(self) -> list:
         """Hub loads: what each node fetched (``NodeFetchReport``), refetches after a re-placement included."""
-        return self._files.report if self._files is not None else []
+        return self._files.report
 
     # -- state ---------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -81,7 +81,8 @@ def _describe(exc: BaseException, *, who: str) -> tuple[type[BaseException], str
             return type(cause), f"{type(cause).__name__}: {cause}"
         if cause is None:
             return RankError, str(exc).strip().splitlines()[-1]
-        exc = cause  # an argument of the call came from an actor that died
+        # an argument of the call came from an actor that died, not the rank itself
+        return RankError, f"an actor whose output it was waiting for died ({str(cause).strip().splitlines()[0]})"
     if is_actor_death(exc):
         return RankError, f"{who} died ({str(exc).strip().splitlines()[0]})"
     return type(exc), f"{type(exc).__name__}: {exc}"

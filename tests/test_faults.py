@@ -99,26 +99,35 @@ def _ctrl_c_enabled() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_on_the_driver_removes_everything(ray_cluster, ckpt, tmp_path):
-    path, _ = ckpt
+def _driver_loading(ray_cluster, path: str, marker_dir, **popen_options) -> subprocess.Popen:
+    """A driver process joined to the shared cluster, returned once both of its ranks are reading (slowly)."""
     script = f"""
 import sys, faulthandler, signal
 faulthandler.register(signal.SIGUSR1, all_threads=True)
 sys.path.insert(0, {os.getcwd()!r})
 import orchestrator
 from tests import fault_workers
-print("starting", flush=True)
-orchestrator.load({path!r}, tp=2, nodes=2, worker_cls=fault_workers.slow_load(60, marker_dir={str(tmp_path)!r}), progress=False)
+orchestrator.load({path!r}, tp=2, nodes=2, worker_cls=fault_workers.slow_load(60, marker_dir={str(marker_dir)!r}), progress=False)
 """
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_ctrl_c_enabled)
+                            **popen_options)
     try:
         deadline = time.monotonic() + 120
-        while len([f for f in os.listdir(tmp_path) if f.startswith("loading-")]) < 2:
+        while len([f for f in os.listdir(marker_dir) if f.startswith("loading-")]) < 2:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "ranks never started loading"
             time.sleep(0.2)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+def test_ctrl_c_on_the_driver_removes_everything(ray_cluster, ckpt, tmp_path):
+    path, _ = ckpt
+    proc = _driver_loading(ray_cluster, path, tmp_path, preexec_fn=_ctrl_c_enabled)
+    try:
         assert live_actors_and_groups()[0], "the load's actors should be alive now"
         proc.send_signal(signal.SIGINT)
         try:
@@ -140,21 +149,8 @@ def test_driver_killed_mid_load_leaves_no_actor_or_placement_group(ray_cluster, 
     """A driver SIGKILLed (a crashed notebook, ``ray job stop``) while its ranks read: Ray's ownership
     removes what it made — its actors and placement group are neither detached nor named."""
     path, _ = ckpt
-    script = f"""
-import sys
-sys.path.insert(0, {os.getcwd()!r})
-import orchestrator
-from tests import fault_workers
-orchestrator.load({path!r}, tp=2, nodes=2, worker_cls=fault_workers.slow_load(60, marker_dir={str(tmp_path)!r}), progress=False)
-"""
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _driver_loading(ray_cluster, path, tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while len([f for f in os.listdir(tmp_path) if f.startswith("loading-")]) < 2:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "ranks never started loading"
-            time.sleep(0.2)
         actors, groups = live_actors_and_groups()
         assert len(actors) == 2 and len(groups) == 1, (actors, groups)
         proc.kill()

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from orchestrator.placement import PlacementError
 from orchestrator.progress import NodeProgress
 from orchestrator.rank_group import RankError, RankGroup, RankTimeout, group_errors, is_actor_death
 from planning.hub_index import hub_endpoint, hub_offline
@@ -218,7 +219,7 @@ class HubFetch:
                                 "meshload: node %d's fetcher (%s) died; starting it again (%d of %d)",
                                 node, self._where(node), restarts[node], self.group.max_restarts,
                             )
-                            fetchers[node] = spawn(node)
+                            fetchers[node] = self._respawn(spawn, node)
                             pending[fetchers[node].fetch.remote()] = node
                 if time.monotonic() - last_poll >= POLL_S:
                     last_poll = time.monotonic()
@@ -237,6 +238,32 @@ class HubFetch:
                     pass
         for node, outcome in outcomes.items():
             self._record(outcome, restarts[node])
+
+    def _respawn(self, spawn, node: int):
+        """A new fetcher for ``node``, once it runs. Its node may be gone: Ray re-places the bundle if the
+        cluster has room (a fetcher placed on the lost node meanwhile dies at once, and is replaced);
+        if it has none, a ``PlacementError`` after ``placement_timeout_s``."""
+        import ray
+
+        timeout_s = self.group.placement_timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            fetcher = spawn(node)
+            try:
+                ray.get(fetcher.where.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                return fetcher
+            except ray.exceptions.GetTimeoutError:
+                pass
+            except Exception:  # noqa: BLE001 - it died at once
+                if self.group.bundle_node_alive(node):
+                    return fetcher  # on a live node: it died by itself; its fetch call says so and counts
+            ray.kill(fetcher, no_restart=True)
+            if time.monotonic() >= deadline:
+                raise PlacementError(
+                    f"node {node}'s fetcher (was on {self._where(node)}) could not be started again within "
+                    f"{timeout_s:g}s: its node is gone and the cluster has no room to re-place it"
+                )
+            time.sleep(1.0)
 
     def _where(self, node: int) -> str:
         return self.group.where.get(self.plan.nodes[node].ranks[0], "not yet placed")

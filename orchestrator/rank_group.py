@@ -140,7 +140,7 @@ class RankGroup:
         self.budget: dict[int, int] = dict.fromkeys(range(len(self.node_of_rank)), 0)
         self._spawn: Callable[[int], object] | None = None
         self._plan_ref = None  # the plan in the object store, once attached: restarted ranks get it at once
-        self._placement_timeout_s = 60.0
+        self.placement_timeout_s = 60.0
 
     @property
     def ranks(self) -> list[int]:
@@ -164,7 +164,7 @@ class RankGroup:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self._placement_timeout_s = placement_timeout_s
+        self.placement_timeout_s = placement_timeout_s
         num_nodes = max(self.node_of_rank) + 1
         bundles = bundles_for(self.node_of_rank, num_nodes, cpus_per_rank=cpus_per_rank, gpus_per_rank=gpus_per_rank)
         self.pg = create_placement_group(bundles, timeout_s=placement_timeout_s, name="", poll=poll)
@@ -270,7 +270,7 @@ class RankGroup:
 
         self._spend(rank, phase=phase, cause=cause)
         old = self.where.get(rank, "not yet placed")
-        deadline = time.monotonic() + self._placement_timeout_s
+        deadline = time.monotonic() + self.placement_timeout_s
         while True:
             try:
                 ray.kill(self.actors[rank], no_restart=True)
@@ -287,7 +287,7 @@ class RankGroup:
                 return
             except RankTimeout:
                 raise PlacementError(
-                    f"rank {rank} (was on node {old}) could not be restarted within {self._placement_timeout_s:g}s: "
+                    f"rank {rank} (was on node {old}) could not be restarted within {self.placement_timeout_s:g}s: "
                     f"its node is gone and the cluster has no room to re-place it"
                 ) from None
             except RankError as exc:
@@ -295,16 +295,16 @@ class RankGroup:
                     raise  # the new actor lives: the error is its own (e.g. its node cannot run the plan)
                 if time.monotonic() >= deadline:
                     raise
-                if self._bundle_node_alive(rank):
+                if self.bundle_node_alive(self.node_of_rank[rank]):
                     self._spend(rank, phase=step, cause=exc)
                 else:
                     time.sleep(1.0)
 
-    def _bundle_node_alive(self, rank: int) -> bool:
+    def bundle_node_alive(self, bundle: int) -> bool:
+        """Whether placement bundle ``bundle`` is on a live node (False while Ray re-places it)."""
         import ray
 
-        table = ray.util.placement_group_table(self.pg).get("bundles_to_node_id", {})
-        node_id = table.get(self.node_of_rank[rank])
+        node_id = ray.util.placement_group_table(self.pg).get("bundles_to_node_id", {}).get(bundle)
         return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
 
     def dead_ranks(self, ranks: Sequence[int], *, timeout_s: float = 10.0) -> set[int]:

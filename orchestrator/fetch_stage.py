@@ -248,6 +248,7 @@ class HubFetch:
         timeout_s = self.group.placement_timeout_s
         deadline = time.monotonic() + timeout_s
         while True:
+            placed_on = self.group.bundle_node(node)
             fetcher = spawn(node)
             try:
                 ray.get(fetcher.where.remote(), timeout=max(0.1, deadline - time.monotonic()))
@@ -255,8 +256,8 @@ class HubFetch:
             except ray.exceptions.GetTimeoutError:
                 pass
             except Exception:  # noqa: BLE001 - it died at once
-                if self.group.bundle_node_alive(node):
-                    return fetcher  # on a live node: it died by itself; its fetch call says so and counts
+                if self.group.died_by_itself(node, placed_on):
+                    return fetcher  # its fetch call says so, and counts as a death
             ray.kill(fetcher, no_restart=True)
             if time.monotonic() >= deadline:
                 raise PlacementError(

@@ -263,19 +263,22 @@ class RankGroup:
         """Replace ``rank``'s actor by a fresh one in the same bundle (Ray re-places the bundle if its node
         was lost), holding the plan if the group has one.
 
-        Right after a node is lost Ray may still place the new actor on it; such an actor dies at once,
-        so we try again until one answers or ``placement_timeout_s`` has passed. A new actor that dies on a
-        live node died by itself: that is one more death, within the budget."""
+        Right after a node is lost Ray may still place the new actor on it (Ray notices a lost node only
+        after its health checks fail); such an actor dies once Ray does, so we try again until one answers
+        or ``placement_timeout_s`` has passed. A new actor that dies where its bundle still is, on a live
+        node, died by itself: that is one more death, within the budget."""
         import ray
 
         self._spend(rank, phase=phase, cause=cause)
         old = self.where.get(rank, "not yet placed")
         deadline = time.monotonic() + self.placement_timeout_s
+        bundle = self.node_of_rank[rank]
         while True:
             try:
                 ray.kill(self.actors[rank], no_restart=True)
             except Exception:  # noqa: BLE001 - it is already dead
                 pass
+            placed_on = self.bundle_node(bundle)
             self.actors[rank] = self._spawn(rank)
             step = "start"
             try:
@@ -295,17 +298,28 @@ class RankGroup:
                     raise  # the new actor lives: the error is its own (e.g. its node cannot run the plan)
                 if time.monotonic() >= deadline:
                     raise
-                if self.bundle_node_alive(self.node_of_rank[rank]):
+                if self.died_by_itself(bundle, placed_on):
                     self._spend(rank, phase=step, cause=exc)
                 else:
                     time.sleep(1.0)
 
-    def bundle_node_alive(self, bundle: int) -> bool:
-        """Whether placement bundle ``bundle`` is on a live node (False while Ray re-places it)."""
+    def bundle_node(self, bundle: int) -> str | None:
+        """The Ray node id placement bundle ``bundle`` is on now (None while it is being re-placed)."""
         import ray
 
-        node_id = ray.util.placement_group_table(self.pg).get("bundles_to_node_id", {}).get(bundle)
-        return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
+        return ray.util.placement_group_table(self.pg).get("bundles_to_node_id", {}).get(bundle)
+
+    def died_by_itself(self, bundle: int, placed_on: str | None) -> bool:
+        """An actor started in ``bundle`` while it was on node ``placed_on`` died: by itself if the bundle is
+        still there and that node lives; not if the node was lost (Ray has re-placed the bundle, or
+        marked the node dead)."""
+        import ray
+
+        return (
+            placed_on is not None
+            and self.bundle_node(bundle) == placed_on
+            and any(n["NodeID"] == placed_on and n["Alive"] for n in ray.nodes())
+        )
 
     def dead_ranks(self, ranks: Sequence[int], *, timeout_s: float = 10.0) -> set[int]:
         """Which of ``ranks`` have no live actor (a ping that fails or does not answer within ``timeout_s``)."""

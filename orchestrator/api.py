@@ -18,6 +18,7 @@ Runs on the driver.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -50,7 +51,7 @@ def plan(
     tp_plan: dict[str, str] | None = None,
     device_map: dict[str, int] | None = None,
     max_memory=None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     model_class: str | None = None,
     renamings: dict[str, str] | None = None,
     revision: str | None = None,
@@ -95,6 +96,7 @@ def load(
     placement_timeout_s: float = 60.0,
     progress: bool = True,
     cpus_per_rank: float = 1,
+    gpus_per_rank: float | None = None,
     num_threads: int | None = None,
     max_restarts: int = 2,
     zero_copy: bool = True,
@@ -120,21 +122,28 @@ def load(
     inference, each ``logits``/``generate`` call restores up to ``max_restarts`` lost ranks' deaths.
     ``worker_cls``/``fetcher_cls`` replace ``RankWorker``/``NodeFetcher`` with a subclass (the tests
     inject faults with them).
+    ``gpus_per_rank`` (``device="cuda"``): the share of a GPU each rank reserves, 1 by default; below 1
+    ranks share GPUs (pipeline stages at tp=1 do; TP ranks need a GPU each for NCCL).
     ``plan_cache``: plans are kept on the driver's disk and reused when the checkpoint's config and
     headers, the options and meshload's planning code are the same (``True``: the default folder,
     ``$MESHLOAD_PLAN_CACHE`` or ``~/.cache/meshload/plans``; a path: that folder; ``False``: off); see
     ``planning/plan_cache.py``. Use as a context manager, or call ``shutdown()``.
     """
     phases = PhaseClock()
+    device = model.device if isinstance(model, LoadPlan) else device
+    if gpus_per_rank is None:
+        gpus_per_rank = 1 if device == "cuda" else 0
+    elif device != "cuda" or not 0 < gpus_per_rank <= 1:
+        raise ValueError(f"gpus_per_rank={gpus_per_rank!r}: a fraction of one GPU in (0, 1], for device='cuda' only "
+                         f"(0.5: two ranks share a GPU, as pipeline stages may; device is {device!r})")
     if isinstance(model, LoadPlan):
         planning = _Planning.done(model)
-        nodes, device = model.num_nodes, model.device
+        nodes = model.num_nodes
         node_of_rank = [r.node for r in model.ranks]
     else:
         planning = _Planning.start(model, tp=tp, pp=pp, nodes=nodes, device=device, plan_cache=plan_cache, **plan_options)
         node_of_rank = node_blocks(tp * pp, nodes)  # the plan places its ranks with node_blocks too
     phases.mark("resolve")
-    gpus_per_rank = 1 if device == "cuda" else 0
     ranks_per_node = max(node_of_rank.count(n) for n in range(nodes))
     connection = group = None
     try:
@@ -142,7 +151,7 @@ def load(
             address,
             num_nodes=nodes,
             cpus_per_node=max(1, int(ranks_per_node * cpus_per_rank)),
-            gpus_per_node=ranks_per_node * gpus_per_rank,
+            gpus_per_node=math.ceil(ranks_per_node * gpus_per_rank),
         )
         phases.mark("connect")
         group = RankGroup(node_of_rank, timeout_s=timeout_s, max_restarts=max_restarts)
@@ -153,14 +162,17 @@ def load(
             placement_timeout_s=placement_timeout_s,
             env=_rank_env(connection),
             worker_cls=worker_cls,
-            worker_options={"zero_copy": zero_copy},
+            worker_options={"zero_copy": zero_copy, "device": device},
             poll=planning.raise_if_failed,
+            plan=planning.ready(),  # a plan known already goes with the ranks' constructor
         )
         phases.mark("start ranks")
+        if not group.attached:
+            load_plan = planning.result()
+            phases.mark("plan")
+            group.attach(load_plan)  # e.g. flash-attn checked on every node, before a single weight byte is fetched
+            phases.mark("attach plan")
         load_plan = planning.result()
-        phases.mark("plan")
-        group.attach(load_plan)  # e.g. flash-attn checked on every node, before a single weight byte is fetched
-        phases.mark("attach plan")
         files = _rank_files(load_plan, group, dict(mode=fetch, max_gap_bytes=fetch_gap_bytes, **plan_options),
                             progress=progress, fetcher_cls=fetcher_cls)
         files.fetch()
@@ -209,7 +221,7 @@ class _Planning:
     @classmethod
     def start(cls, model, *, tp: int, pp: int, nodes: int, device: str, plan_cache, **plan_options) -> "_Planning":
         check_topology(tp, pp, nodes)
-        check_options(device=device, attn_implementation=plan_options.get("attn_implementation", "sdpa"))
+        check_options(device=device, attn_implementation=plan_options.get("attn_implementation"))
         resolve_options = {k: plan_options[k] for k in ("revision", "cache_dir", "token", "allow_pickle") if k in plan_options}
         resolved = resolve_model(model, **resolve_options)
         cache = key = None
@@ -240,6 +252,10 @@ class _Planning:
         """Planning's error once it has finished (None if it succeeded or is still running after ``timeout_s``)."""
         self._done.wait(timeout_s)
         return self._error if self._done.is_set() else None
+
+    def ready(self) -> LoadPlan | None:
+        """The plan if planning has already finished successfully (a given or cached plan), else None."""
+        return self._plan if self._done.is_set() and self._error is None else None
 
     def raise_if_failed(self) -> None:
         if self._done.is_set() and self._error is not None:

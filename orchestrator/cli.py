@@ -21,7 +21,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=1, help="number of nodes to spread the ranks over")
     p.add_argument("--dtype", default="auto", help="'auto' (config/checkpoint) or e.g. bfloat16, float32")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--attn-implementation", default=None, choices=["sdpa", "eager", "flash_attention_2"],
+                   help="default: transformers' choice for the class (sdpa where supported, else eager)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--cache-dir", default=None, help="Hub cache folder (default: huggingface_hub's)")
     p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
@@ -65,7 +66,16 @@ def cmd_plan(args) -> int:
     print(totals_text(load_plan))
     print()
     print(rank_table(load_plan))
+    _print_keys(load_plan)
     return 0
+
+
+def _print_keys(load_plan) -> None:
+    """What transformers would report about the checkpoint's keys (not loaded, initialised), if anything."""
+    lines = load_plan.keys.lines()
+    if lines:
+        print()
+        print("\n".join(lines))
 
 
 def parse_ids(text: str) -> list[list[int]]:
@@ -90,6 +100,7 @@ def cmd_load(args) -> int:
         if m.plan_cached:
             print("plan reused from the plan cache (no planning)")
         print(report_table(m))
+        _print_keys(m.plan)
         if args.report:
             with open(args.report, "w", encoding="utf-8") as f:
                 json.dump({"plan": json.loads(m.plan.to_json()), "report": [r.as_dict() for r in m.report]}, f, indent=2)

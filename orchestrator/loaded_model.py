@@ -64,6 +64,12 @@ class LoadedModel:
         """Hub loads: what each node fetched (``NodeFetchReport``), refetches after a re-placement included."""
         return self._files.report
 
+    @property
+    def keys(self):
+        """transformers' loading report (``planning.key_report.KeyReport``): checkpoint tensors not loaded,
+        model tensors left at their initialised value, and those the model class declares ignorable."""
+        return self.plan.keys
+
     # -- state ---------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor reassembled on the driver; keys and values as transformers' own ``state_dict()``."""
@@ -84,7 +90,9 @@ class LoadedModel:
             "init_inference",
             address[0],
             address[1],
-            backend="nccl" if self.plan.device == "cuda" else "gloo",
+            # NCCL only where TP collectives run on GPUs; pipeline stages alone (tp=1) pass activations
+            # through Ray, and may share one GPU (NCCL refuses two ranks on one device).
+            backend="nccl" if self.plan.device == "cuda" and self.plan.tp > 1 else "gloo",
             collective_timeout_s=self.timeout_s,
             socket_ifname="lo" if loopback else None,
         )

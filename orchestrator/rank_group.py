@@ -12,7 +12,7 @@ or its node was lost: Ray re-places the node's bundle if the cluster has room) a
 A rank's node is known from the moment its placement bundle is (the placement group's bundle → node
 table), before the rank answers, so no error has to say "node ?". Restarts are bounded per rank by
 ``max_restarts``; a restarted rank comes back at the level the group has reached: started, and
-holding the plan once the plan is attached.
+holding the plan (given to its constructor) once the plan is attached.
 
 ``shutdown`` kills every actor and removes the placement group; it is idempotent and runs on every
 exit path of ``orchestrator.load``.
@@ -37,6 +37,7 @@ log = logging.getLogger("meshload")
 PHASE_OF_METHOD = {
     "where": "start",
     "attach": "attach",
+    "check_kernels": "attach",
     "get_progress": "read",
     "load": "read",
     "tied_for": "tie exchange",
@@ -157,13 +158,17 @@ class RankGroup:
         worker_options: dict | None = None,
         placement_timeout_s: float = 60.0,
         poll: Callable[[], None] | None = None,
+        plan: LoadPlan | None = None,
     ) -> "RankGroup":
-        """Reserve the nodes and start one actor per rank, without a plan (``attach`` gives it); returns
-        once every actor answers (ranks that died meanwhile restarted). ``poll()`` is called while
-        waiting (it may raise, e.g. when planning failed meanwhile)."""
+        """Reserve the nodes and start one actor per rank — with ``plan`` when it is already known (a
+        cached or given plan: each rank then checks its node can run it), else without (``attach``
+        gives it later); returns once every actor answers (ranks that died meanwhile restarted).
+        ``poll()`` is called while waiting (it may raise, e.g. when planning failed meanwhile)."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        if plan is not None:
+            self._plan_ref = ray.put(plan)
         self.placement_timeout_s = placement_timeout_s
         num_nodes = max(self.node_of_rank) + 1
         bundles = bundles_for(self.node_of_rank, num_nodes, cpus_per_rank=cpus_per_rank, gpus_per_rank=gpus_per_rank)
@@ -185,7 +190,7 @@ class RankGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=self.node_of_rank[rank]
                 ),
-            ).remote(worker_cls, None, rank, num_threads=threads, **(worker_options or {}))
+            ).remote(worker_cls, self._plan_ref, rank, num_threads=threads, **(worker_options or {}))
 
         self._spawn = spawn
         self.actors = [spawn(r) for r in self.ranks]
@@ -194,7 +199,16 @@ class RankGroup:
             self._record(rank, info)
         if errors:
             self.settle(errors, phase="start")
+        if plan is not None:
+            _, errors = self.call_each("check_kernels")
+            if errors:
+                self.settle(errors, phase="attach")
         return self
+
+    @property
+    def attached(self) -> bool:
+        """Whether the ranks have their plan (given at start, or by ``attach``)."""
+        return self._plan_ref is not None
 
     def attach(self, plan: LoadPlan) -> None:
         """Hand the plan to the ranks (each checks its node can run it); ranks that died meanwhile are
@@ -284,9 +298,9 @@ class RankGroup:
             try:
                 info = self.call("where", ranks=[rank], timeout_s=max(deadline - time.monotonic(), 1.0))[0]
                 self._record(rank, info)
-                if self._plan_ref is not None:
+                if self._plan_ref is not None:  # the plan came with the constructor: can this node run it?
                     step = "attach"
-                    self.call("attach", self._plan_ref, ranks=[rank])
+                    self.call("check_kernels", ranks=[rank])
                 return
             except RankTimeout:
                 raise PlacementError(

@@ -7,21 +7,25 @@ and layouts (``WeightRenaming``, and ``WeightConverter`` with ops such as ``Merg
 instead of running the ops on loaded tensors, we turn each converted parameter into a
 ``planning.source_expr`` expression, so that planning can map any shard back to source byte ranges.
 
-The result lists, sorted and complete, the checkpoint keys that fill nothing and the parameters that
-nothing fills; ``require_complete`` turns them into one error. Tied parameters are filled by their
-tie partner (whichever side the checkpoint holds), and persistent buffers absent from the checkpoint
-are computed on the rank, as transformers does.
+Keys follow transformers' rules (``planning.key_report``): a checkpoint key that fills nothing is
+not loaded and a model tensor nothing fills is initialised on the ranks, as ``from_pretrained`` does,
+both reported unless the model class declares them ignorable; the base-model prefix is added or
+stripped as transformers does (a ``BertModel`` from a ``BertForMaskedLM`` checkpoint and the
+reverse). Tied parameters are filled by their tie partner (whichever side the checkpoint holds). What
+transformers refuses is refused here too: a shape that differs from what the config builds, a
+conversion that cannot apply. One refusal is meshload's own: a checkpoint none of whose tensors fills
+any model tensor (the wrong checkpoint, or names that need ``renamings``).
 
 Pure; runs on the driver over a meta model and the checkpoint index.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from planning.checkpoint import CheckpointIndex
 from planning.errors import ConversionError
+from planning.key_report import KeyReport, classify
 from planning.skeleton import Skeleton
 from planning.source_expr import Cat, Expr, Narrow, Source, Stack, Transpose, check_expr, shape_of, sources_of
 
@@ -42,21 +46,8 @@ class SourceMap:
 
     exprs: dict[str, Expr]  # parameter/buffer → expression over checkpoint tensors
     aliases: dict[str, str]  # tied parameter → the parameter whose value it shares
-    unexpected: tuple[str, ...]  # checkpoint keys that fill nothing (sorted)
-    missing: tuple[str, ...]  # parameters nothing fills (sorted)
-    computed: tuple[str, ...]  # persistent buffers absent from the checkpoint: initialized on the rank
-
-    def require_complete(self, *, where: str) -> None:
-        if not self.unexpected and not self.missing:
-            return
-        parts = []
-        if self.missing:
-            parts.append(f"{len(self.missing)} parameter(s) nothing in the checkpoint fills: {list(self.missing)}")
-        if self.unexpected:
-            parts.append(f"{len(self.unexpected)} checkpoint tensor(s) that match no parameter: {list(self.unexpected)}")
-        raise ConversionError(
-            f"{where}: " + "; ".join(parts) + ". Pass renamings={'old': 'new'} to map checkpoint names."
-        )
+    computed: tuple[str, ...]  # tensors nothing in the checkpoint fills: initialised on the ranks (sorted)
+    keys: KeyReport = KeyReport()  # what transformers would report: keys not loaded, tensors initialised
 
 
 def _transforms(model, renamings: dict[str, str] | None) -> list:
@@ -74,7 +65,8 @@ def natural_key(name: str):
 
 
 def build_source_map(
-    model, skeleton: Skeleton, index: CheckpointIndex, *, renamings: dict[str, str] | None = None
+    model, skeleton: Skeleton, index: CheckpointIndex, *, renamings: dict[str, str] | None = None,
+    where: str = "checkpoint",
 ) -> SourceMap:
     """Match every checkpoint key to the model; see the module docstring."""
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -84,7 +76,7 @@ def build_source_map(
         # Every checkpoint key already names a model tensor (what save_pretrained writes for most families):
         # no renaming or conversion can apply, so skip building transformers' table of all families (~0.2 s).
         exprs = {k: Source(k, e.shape, e.dtype) for k, e in index.tensors.items()}
-        return _finish(skeleton, exprs, {k: k for k in exprs}, [])
+        return _finish(model, skeleton, exprs, {k: k for k in exprs}, {}, where=where)
 
     transforms = _transforms(model, renamings)
     renames = [t for t in transforms if isinstance(t, WeightRenaming)]
@@ -96,8 +88,7 @@ def build_source_map(
     origin: dict[str, str] = {}
     groups: dict[tuple[int, str], dict[str, list[Source]]] = {}
     group_converter: dict[tuple[int, str], object] = {}
-    unexpected = []
-    ignore = [re.compile(p) for p in skeleton.ignore_unexpected]
+    unexpected: dict[str, str] = {}  # as transformers names it (renamed, prefix handled) → checkpoint key
     for key in sorted(index.tensors, key=natural_key):
         entry = index.tensors[key]
         src = Source(key, entry.shape, entry.dtype)
@@ -105,8 +96,7 @@ def build_source_map(
         if renamed not in targets and key in targets:
             renamed, pattern = key, None
         if renamed not in targets:
-            if not any(r.search(key) for r in ignore):
-                unexpected.append(key)
+            unexpected[renamed] = key
             continue
         if pattern is None:
             if renamed in exprs:
@@ -126,11 +116,19 @@ def build_source_map(
             if name in exprs:
                 raise ConversionError(f"parameter {name!r} is filled twice (by {origin.get(name)!r} and by a conversion)")
             exprs[name], origin[name] = expr, renamed
-    return _finish(skeleton, exprs, origin, unexpected)
+    return _finish(model, skeleton, exprs, origin, unexpected, where=where)
 
 
-def _finish(skeleton: Skeleton, exprs: dict[str, Expr], origin: dict[str, str], unexpected: list[str]) -> SourceMap:
-    """Check shapes and dtype kinds, resolve ties, list what is missing."""
+def _finish(
+    model, skeleton: Skeleton, exprs: dict[str, Expr], origin: dict[str, str], unexpected: dict[str, str], *, where
+) -> SourceMap:
+    """Check shapes and dtype kinds, resolve ties, list what is initialised and what is reported."""
+    if not exprs:
+        raise ConversionError(
+            f"{where}: none of the checkpoint's {len(unexpected)} tensor(s) fills a tensor of {skeleton.class_name} "
+            f"(first: {sorted(unexpected.values())[:5]}). Is this the checkpoint of another model? "
+            "Pass renamings={'old': 'new'} to map checkpoint names."
+        )
     targets = skeleton.by_name
     mismatched = []
     for spec in skeleton.tensors:
@@ -153,21 +151,15 @@ def _finish(skeleton: Skeleton, exprs: dict[str, Expr], origin: dict[str, str], 
         )
 
     aliases = _resolve_ties(skeleton, exprs)
-    ignore_missing = [re.compile(p) for p in skeleton.ignore_missing]
-    missing, computed = [], []
-    for spec in skeleton.tensors:
-        if spec.name in exprs or spec.name in aliases:
-            continue
-        if spec.is_buffer:
-            computed.append(spec.name)
-        elif not any(r.search(spec.name) for r in ignore_missing):
-            missing.append(spec.name)
+    unfilled = {spec.name for spec in skeleton.tensors if spec.name not in exprs}
+    computed = sorted(n for n in unfilled if n not in aliases)
+    # transformers reports a tied tensor as missing only when neither side of the tie was in the checkpoint
+    missing = {n for n in unfilled if n not in aliases or aliases[n] in unfilled}
     return SourceMap(
         exprs=exprs,
         aliases=aliases,
-        unexpected=tuple(sorted(unexpected)),
-        missing=tuple(sorted(missing)),
-        computed=tuple(sorted(computed)),
+        computed=tuple(computed),
+        keys=classify(model, unexpected=unexpected, missing=missing),
     )
 
 
@@ -191,10 +183,10 @@ def _resolve_ties(skeleton: Skeleton, exprs: dict[str, Expr]) -> dict[str, str]:
     for target, source in skeleton.ties.items():
         if target in exprs and source in exprs:
             continue  # both stored: each is read (transformers compares them and ties equal ones; values are the same)
-        if source in exprs:
-            aliases[target] = source
-        elif target in exprs:
+        if target in exprs:
             aliases[source] = target
+        else:  # the source holds the value, read or (neither side stored) initialised, as transformers ties them
+            aliases[target] = source
     return aliases
 
 
@@ -246,7 +238,8 @@ def _apply_ops(converter, collected: dict[str, list[Source]], renamed: str, skel
         else:
             raise ConversionError(
                 f"{renamed}: conversion op {type(op).__name__} is not supported by meshload's slice planner "
-                f"(supported: MergeModulelist, Concatenate, Chunk, Split, Transpose)"
+                f"(supported: MergeModulelist, Concatenate, Chunk, Split, Transpose); convert the checkpoint once "
+                f"(transformers' from_pretrained, then save_pretrained) and load the converted folder"
             )
     out = {}
     for pattern, value in state.items():

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planning.errors import PlanError
-from planning.skeleton import Skeleton
+from planning.skeleton import FirstLayerTrace, Skeleton
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +57,17 @@ def assign_stages(
     tensor_bytes: dict[str, int],
     budgets: list[int | None] | None = None,
     device_map: dict[str, int] | None = None,
+    trace: FirstLayerTrace | None = None,
 ) -> StageLayout:
-    """Cut the model into ``pp`` stages (see module docstring). ``budgets[s]`` bounds stage ``s``'s bytes per rank."""
+    """Cut the model into ``pp`` stages (see module docstring). ``budgets[s]`` bounds stage ``s``'s bytes per rank.
+    ``trace``: what the meta forward showed up to the first layer (``skeleton.trace_first_layer``)."""
     prefix, layers, suffix = _sections(skeleton)
     if pp == 1:
         return StageLayout(((0, len(layers)),), {t.name: 0 for t in skeleton.tensors})
     if skeleton.layers_path is None:
         raise PlanError(f"pp={pp}: {skeleton.class_name} has no repeated-layer list to split into stages")
+    if trace is not None:
+        _check_order(skeleton, pp, suffix, trace)
     if len(layers) < pp:
         raise PlanError(f"pp={pp} exceeds the number of layers ({len(layers)}) of {skeleton.class_name}")
     if device_map is not None:
@@ -80,6 +84,24 @@ def assign_stages(
             for n in layers[i]:
                 stage_of[n] = s
     return StageLayout(ranges, stage_of)
+
+
+def _check_order(skeleton: Skeleton, pp: int, suffix: list[str], trace: FirstLayerTrace) -> None:
+    """Stages follow the module order and hand on the hidden state only: refuse a module stored after the layer
+    list but run before it (MPNet's ``encoder.relative_attention_bias``, whose output every layer of every stage
+    uses), and layers that hand more than the hidden state to the next one (HY-V4's ``topk_indices``)."""
+    if trace.extra_outputs:
+        raise PlanError(
+            f"pp={pp}: each layer of {skeleton.class_name} ({skeleton.layers_path}) hands {trace.extra_outputs} "
+            f"tensor(s) besides the hidden state to the next layer, and pipeline stages pass on only the hidden "
+            f"state. Use pp=1 (tp splits the model instead)"
+        )
+    early = sorted({n for n in suffix if any(n.startswith(m + ".") for m in trace.before or ())})
+    if early:
+        raise PlanError(
+            f"pp={pp}: {skeleton.class_name} stores {early} after {skeleton.layers_path} but runs it before the first "
+            f"layer, for every layer; pipeline stages cannot split it. Use pp=1 (tp splits the model instead)"
+        )
 
 
 def _balanced_cuts(cost: list[int], pp: int, head: int, tail: int, limits: list[int]) -> list[int]:

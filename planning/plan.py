@@ -25,6 +25,7 @@ from planning.boxes import Box, box_numel, byte_span, full_box, translate
 from planning.checkpoint import CheckpointFile, CheckpointIndex
 from planning.conversions import SourceMap
 from planning.errors import PlanError
+from planning.key_report import KeyReport
 from planning.pipeline import StageLayout
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
 from planning.skeleton import HeadLayout, Skeleton, TensorSpec
@@ -75,7 +76,8 @@ class ParamPlan:
     reads: tuple[ReadItem, ...] = ()
     alias_of: str | None = None  # the same tensor as this other parameter of the rank (tie)
     receive_from: int | None = None  # rank that sends this tensor (tie across stages)
-    computed: bool = False  # persistent buffer absent from the checkpoint: initialized on the rank
+    computed: bool = False  # absent from the checkpoint: initialised on the rank, as transformers initialises it
+    tied_to: str | None = None  # (computed) tied to this other initialised tensor of the rank, sharded differently
     is_buffer: bool = False
 
     @property
@@ -195,6 +197,7 @@ class LoadPlan:
     totals: PlanTotals
     budgets: tuple[int | None, ...]  # per rank, bytes; None = unbounded
     layers_path: str | None = None  # module path of the repeated layers that stages split
+    keys: KeyReport = KeyReport()  # checkpoint tensors not loaded, model tensors initialised (transformers' report)
     version: int = PLAN_FORMAT_VERSION
 
     @property
@@ -329,6 +332,7 @@ def build_plan(inp: PlanInputs) -> LoadPlan:
 
     # Tied parameter → the parameter that holds its value; where each lives.
     owner_of = dict(sources.aliases)
+    computed = set(sources.computed)
     rank_params: list[list[ParamPlan]] = [[] for _ in range(world)]
     sends: list[list[TieSend]] = [[] for _ in range(world)]
     for spec in skeleton.tensors:
@@ -339,7 +343,7 @@ def build_plan(inp: PlanInputs) -> LoadPlan:
             local = shard.local_shape(spec.shape) if shard else spec.shape
             common = dict(name=spec.name, shape=local, full_shape=spec.shape, dtype=spec.dtype, style=style,
                           shard=shard, is_buffer=spec.is_buffer)
-            if spec.name in sources.computed:
+            if spec.name in computed:
                 rank_params[rank].append(ParamPlan(**common, computed=True))
                 continue
             owner = owner_of.get(spec.name)
@@ -347,7 +351,17 @@ def build_plan(inp: PlanInputs) -> LoadPlan:
                 owner_spec = skeleton.by_name[owner]
                 owner_stage = stage_of[owner]
                 _, owner_shard = shard_of(owner_spec, tp_rank)
-                if owner_shard == shard and owner_spec.dtype == spec.dtype:
+                same_layout = owner_shard == shard and owner_spec.dtype == spec.dtype
+                if owner in computed and owner_stage != stage:
+                    raise PlanError(
+                        f"{spec.name!r} is tied to {owner!r}; the checkpoint holds neither and they are on stages "
+                        f"{owner_stage} and {stage}, so one initialised value cannot be shared; add the tensor to the "
+                        f"checkpoint or pass a device_map that keeps both on one stage"
+                    )
+                if owner in computed and not same_layout:  # initialised on this rank from the owner's full value
+                    rank_params[rank].append(ParamPlan(**common, computed=True, tied_to=owner))
+                    continue
+                if same_layout:
                     if owner_stage == stage:
                         rank_params[rank].append(ParamPlan(**common, alias_of=owner))
                     else:
@@ -400,6 +414,7 @@ def build_plan(inp: PlanInputs) -> LoadPlan:
         totals=totals,
         budgets=tuple(inp.budgets),
         layers_path=skeleton.layers_path,
+        keys=sources.keys,
     )
     from planning.validate import validate_plan
 

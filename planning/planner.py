@@ -21,11 +21,14 @@ from planning.pipeline import assign_stages
 from planning.plan import LoadPlan, ModelRef, PlanInputs, build_plan, node_blocks, rank_budgets
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
 from planning.skeleton import (
+    attention_of,
     build_meta_model,
+    choose_model_class,
     config_from_dict,
     describe,
     dtype_name,
     flash_attention_available,
+    trace_first_layer,
     parse_dtype,
 )
 from planning.tp_plans import check_user_plan, effective_plan
@@ -95,11 +98,14 @@ def check_topology(tp: int, pp: int, nodes: int) -> None:
     node_blocks(tp * pp, nodes)
 
 
-def check_options(*, device: str, attn_implementation: str) -> None:
+def check_options(*, device: str, attn_implementation: str | None) -> None:
     if device not in DEVICES:
         raise PlanError(f"device={device!r}: expected one of {DEVICES}")
-    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise PlanError(f"attn_implementation={attn_implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+    if attn_implementation is not None and attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise PlanError(
+            f"attn_implementation={attn_implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS} "
+            f"(or None for transformers' choice)"
+        )
     if attn_implementation == "flash_attention_2":
         if device != "cuda":
             raise PlanError("attn_implementation='flash_attention_2' needs device='cuda' (flash-attn has no CPU kernels)")
@@ -121,7 +127,7 @@ def make_plan(
     tp_plan: dict[str, str] | None = None,
     device_map: dict[str, int] | None = None,
     max_memory=None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     model_class: str | None = None,
     renamings: dict[str, str] | None = None,
     revision: str | None = None,
@@ -139,23 +145,30 @@ def make_plan(
     torch_dtype = resolve_dtype(dtype, config, resolved.index)
     meta = build_meta_model(
         config,
-        model_class=model_class,
+        model_class=model_class or choose_model_class(config, resolved.index.tensors, source=source),
         dtype=torch_dtype,
-        attn_implementation="eager" if attn_implementation == "eager" else "sdpa",
+        attn_implementation=attn_implementation,
         source=source,
     )
+    attn_implementation = attn_implementation or attention_of(meta)
     skeleton = describe(meta, dtype=torch_dtype)
+    if skeleton.heads_vary and tp > 1:
+        raise PlanError(
+            f"tp={tp}: {skeleton.class_name}'s attention head counts vary per layer (config.per_layer_config), and "
+            f"splitting heads needs one count for every layer; use tp=1 (pp splits the model instead)"
+        )
     check_user_plan(tp_plan, skeleton, [name for name, _ in meta.named_modules() if name])
     plan_dict = effective_plan(meta, user_plan=tp_plan)
-    sources = build_source_map(meta, skeleton, resolved.index, renamings=renamings)
-    sources.require_complete(where=str(resolved.ref_source))
+    sources = build_source_map(meta, skeleton, resolved.index, renamings=renamings, where=str(resolved.ref_source))
     budgets = rank_budgets(max_memory, tp * pp)
     tensor_bytes = {t.name: t.numel * TORCH_DTYPE_ITEMSIZE[t.dtype] for t in skeleton.tensors}
     stage_budgets = [
         None if any(b is None for b in budgets[s * tp : (s + 1) * tp]) else min(budgets[s * tp : (s + 1) * tp]) * tp
         for s in range(pp)
     ]
-    stages = assign_stages(skeleton, pp, tensor_bytes=tensor_bytes, budgets=stage_budgets, device_map=device_map)
+    trace = trace_first_layer(meta, skeleton.layers_path) if pp > 1 and skeleton.layers_path else None
+    stages = assign_stages(skeleton, pp, tensor_bytes=tensor_bytes, budgets=stage_budgets, device_map=device_map,
+                           trace=trace)
     ref = ModelRef(
         source=str(resolved.ref_source),
         kind=resolved.kind,

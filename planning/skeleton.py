@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from planning.errors import ConfigError
+from planning.errors import ConfigError, PlanError
 
 if TYPE_CHECKING:
     import torch
@@ -71,8 +71,7 @@ class Skeleton:
     num_layers: int
     heads: HeadLayout | None
     vocab_size: int | None
-    ignore_unexpected: tuple[str, ...] = ()  # regexes: checkpoint keys transformers ignores on load
-    ignore_missing: tuple[str, ...] = ()
+    heads_vary: bool = False  # head counts differ per layer (heterogeneous config): no single HeadLayout
     by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -108,8 +107,10 @@ def config_from_dict(config_dict: dict[str, Any], *, source: str = "config.json"
         )
     if model_type not in CONFIG_MAPPING:
         raise ConfigError(f"{source}: model_type {model_type!r} is not known to this transformers version")
+    cls = CONFIG_MAPPING[model_type]
     try:
-        return CONFIG_MAPPING[model_type].from_dict(dict(config_dict))
+        # save_pretrained writes infinities and NaN as {"__float__": "Infinity"}; decoded as from_pretrained does
+        return cls.from_dict(cls._decode_special_floats(dict(config_dict)))
     except Exception as exc:  # noqa: BLE001 - transformers' validators raise several unrelated types
         cause = exc.__cause__ or exc
         raise ConfigError(f"{source}: invalid {model_type} config: {cause}") from None
@@ -130,15 +131,82 @@ def model_class_for(config: Any, model_class: str | None = None, *, source: str 
     return cls
 
 
+# transformers' auto classes a config without ``architectures`` may be meant for, in order of preference.
+_AUTO_MAPPINGS = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "MODEL_MAPPING_NAMES")
+
+
+def choose_model_class(config: Any, checkpoint_keys, *, source: str = "config.json") -> str | None:
+    """The class to build when ``config.json`` names none (``architectures``): of the model type's auto
+    classes (causal LM, masked LM, base model), the one whose tensors the checkpoint fills most, the base-model
+    prefix added or stripped as ``from_pretrained`` does; on a tie, the one leaving fewest parameters
+    initialised, then the first. ``None`` when ``architectures`` names the class (it is used as is)."""
+    if config.architectures:
+        return None
+    import torch
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    keys = set(checkpoint_keys)
+    best: tuple[tuple[int, int], str] | None = None
+    for mapping in _AUTO_MAPPINGS:
+        name = getattr(modeling_auto, mapping).get(config.model_type)
+        name = name[0] if isinstance(name, (list, tuple)) else name
+        cls = getattr(transformers, name, None) if name else None
+        if cls is None:
+            continue
+        try:
+            with _BUILD_LOCK, torch.device("meta"):
+                model = cls._from_config(config)
+        except Exception:  # noqa: BLE001 - a class this config cannot build is simply not a candidate
+            continue
+        prefix = model.base_model_prefix
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+
+        def stored(name: str) -> bool:
+            stripped = name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else None
+            return name in keys or f"{prefix}.{name}" in keys or stripped in keys
+
+        state = list(model.state_dict())
+        filled = sum(1 for n in state if stored(n))
+        missing = sum(1 for n, _ in model.named_parameters() if not stored(n) and n not in tied)
+        score = (filled, -missing)
+        if best is None or score > best[0]:
+            best = (score, name)
+    if best is None:
+        raise ConfigError(f"{source}: no 'architectures' entry and no transformers class for model_type "
+                          f"{config.model_type!r}; pass model_class= (e.g. 'LlamaForCausalLM' or 'BertModel')")
+    return best[1]
+
+
+def _global(config: Any, name: str):
+    """``config.<name>``, or None when the config has no single value for it (heterogeneous configs keep
+    some sizes per layer, and transformers refuses to answer for the whole model)."""
+    try:
+        return getattr(config, name, None)
+    except RuntimeError as exc:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        if "per-layer" in str(exc):
+            return None
+        raise
+
+
+def _per_layer(config: Any, name: str) -> bool:
+    """Whether ``config`` keeps ``name`` per layer (no single value for the whole model)."""
+    try:
+        getattr(config, name, None)
+    except RuntimeError as exc:
+        return "per-layer" in str(exc)
+    return False
+
+
 def check_config(config: Any, *, source: str = "config.json") -> None:
     """Fail-fast checks transformers does not do itself, with the values in the message."""
     text = config.get_text_config()
-    hidden = getattr(text, "hidden_size", None)
-    heads = getattr(text, "num_attention_heads", None)
-    kv = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None)
+    hidden = _global(text, "hidden_size")
+    heads = _global(text, "num_attention_heads")
+    kv = _global(text, "num_key_value_heads") or heads
+    head_dim = _global(text, "head_dim")
     for name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size"):
-        value = getattr(text, name, None)
+        value = _global(text, name)
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise ConfigError(f"{source}: {name}={value!r} must be a positive integer")
     if hidden and heads and head_dim is None and hidden % heads:
@@ -151,43 +219,66 @@ def check_config(config: Any, *, source: str = "config.json") -> None:
         )
 
 
+def check_attention(cls: type, attn_implementation: str | None) -> None:
+    """An explicit attention implementation the class does not declare support for is refused, naming the class
+    (transformers' own flags, ``_supports_sdpa`` / ``_supports_flash_attn``); ``None`` lets transformers choose."""
+    supported = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
+    flag = supported.get(attn_implementation or "")
+    if flag is not None and not getattr(cls, flag, False):
+        fallback = "'sdpa' or 'eager'" if getattr(cls, "_supports_sdpa", False) else "'eager'"
+        raise PlanError(
+            f"attn_implementation={attn_implementation!r}: {cls.__name__} does not support it; pass "
+            f"attn_implementation={fallback}, or leave it unset for transformers' choice (sdpa where the class "
+            f"supports it, else eager)"
+        )
+
+
 def build_meta_model(
     config: Any,
     *,
     model_class: str | None = None,
     dtype: torch.dtype,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     source: str = "config.json",
 ) -> torch.nn.Module:
     """Instantiate the model on the meta device (no memory, no I/O, no weight init).
 
-    ``attn_implementation`` must be one transformers can set up without importing a kernel
-    ("sdpa" or "eager"); flash attention is switched on later, on the workers.
+    ``attn_implementation``: ``None`` for transformers' default (sdpa where the class supports it,
+    else eager), or an explicit one, refused if the class cannot honour it. Flash attention is only
+    checked here; it is switched on later, on the workers (the model is built with the default).
     """
     import torch
 
     cls = model_class_for(config, model_class, source=source)
     check_config(config, source=source)
+    check_attention(cls, attn_implementation)
+    build_with = None if attn_implementation == "flash_attention_2" else attn_implementation
     try:
         # transformers sets torch's process-wide default dtype (and patches init functions) while it
         # builds; two builds at once in one process (a rank's background skeleton, several ranks in a
         # test) would restore each other's state wrongly, so builds take turns.
         with _BUILD_LOCK, torch.device("meta"):
-            model = cls._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+            model = cls._from_config(config, dtype=dtype, attn_implementation=build_with)
     except (ValueError, TypeError, AttributeError, IndexError, ZeroDivisionError, RuntimeError) as exc:
         raise ConfigError(f"{source}: cannot build {cls.__name__} from this config: {exc}") from None
     model.eval()
     return model
 
 
+def attention_of(model: torch.nn.Module) -> str:
+    """The attention implementation transformers set up for ``model`` (its choice when none was requested)."""
+    chosen = getattr(model.config, "_attn_implementation", None)
+    return chosen if isinstance(chosen, str) and chosen else "eager"
+
+
 def _head_layout(config: Any) -> HeadLayout | None:
     text = config.get_text_config()
-    heads = getattr(text, "num_attention_heads", None)
-    hidden = getattr(text, "hidden_size", None)
+    heads = _global(text, "num_attention_heads")
+    hidden = _global(text, "hidden_size")
     if not heads or not hidden:
         return None
-    kv = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv = _global(text, "num_key_value_heads") or heads
+    head_dim = _global(text, "head_dim") or hidden // heads
     return HeadLayout(num_heads=heads, num_kv_heads=kv, head_dim=head_dim)
 
 
@@ -206,6 +297,58 @@ def _find_layers(model: torch.nn.Module) -> tuple[str | None, int]:
             if size > best_size:
                 best, best_size = name, size
     return best, (len(modules[best]) if best is not None else 0)
+
+
+class _FirstLayer(Exception):
+    """Raised by the first repeated layer's forward hook: the trace has what it needs."""
+
+
+@dataclass(frozen=True, slots=True)
+class FirstLayerTrace:
+    """What the meta forward shows up to the first repeated layer (see ``trace_first_layer``)."""
+
+    before: tuple[str, ...] | None  # modules holding tensors called before the first layer, in call order
+    extra_outputs: int | None  # tensors a layer returns besides the hidden state (handed to the next layer)
+
+
+def trace_first_layer(model: torch.nn.Module, layers_path: str) -> FirstLayerTrace:
+    """Run the meta model's forward on a meta input (shapes only) through its first repeated layer, noting
+    which modules run before it and what the layer returns. A part the meta forward cannot reach is None
+    (a forward that needs real data or other inputs)."""
+    import torch
+
+    layers = model.get_submodule(layers_path)
+    if not len(layers):
+        return FirstLayerTrace(None, None)
+    called: list[str] = []
+    seen: dict[str, object] = {}
+
+    def record(name: str):
+        return lambda module, args: called.append(name)
+
+    def entered(module, args):
+        seen["before"] = tuple(called)
+
+    def returned(module, args, output):
+        seen["output"] = output
+        raise _FirstLayer
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in model.named_modules()
+             if n and not n.startswith(layers_path + ".") and next(iter(m.parameters(recurse=False)), None) is not None]
+    hooks += [layers[0].register_forward_pre_hook(entered), layers[0].register_forward_hook(returned)]
+    try:
+        with _BUILD_LOCK, torch.no_grad(), torch.device("meta"):
+            model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    except Exception:  # noqa: BLE001 - _FirstLayer, or a forward meta tensors cannot run: keep what was seen
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    extra = None
+    if "output" in seen:
+        out = seen["output"]
+        extra = sum(1 for x in out[1:] if isinstance(x, torch.Tensor)) if isinstance(out, tuple) else 0
+    return FirstLayerTrace(seen.get("before"), extra)
 
 
 def _fp32_overrides(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
@@ -257,9 +400,8 @@ def describe(model: torch.nn.Module, *, dtype: torch.dtype) -> Skeleton:
         layers_path=layers_path,
         num_layers=num_layers,
         heads=_head_layout(model.config),
-        vocab_size=getattr(text, "vocab_size", None),
-        ignore_unexpected=tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
-        ignore_missing=tuple(getattr(model, "_keys_to_ignore_on_load_missing", None) or ()),
+        vocab_size=_global(text, "vocab_size"),
+        heads_vary=any(_per_layer(text, n) for n in ("num_attention_heads", "num_key_value_heads", "head_dim")),
     )
 
 

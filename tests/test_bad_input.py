@@ -81,3 +81,9 @@ def test_checkpoint_missing_config(llama, tmp_path):
     os.remove(path / "config.json")
     with pytest.raises(orchestrator.ConfigError, match="no config.json next to the checkpoint"):
         orchestrator.plan(str(path))
+
+
+@pytest.mark.parametrize("device, share", [("cpu", 0.5), ("cuda", 0), ("cuda", 1.5)])
+def test_gpus_per_rank_outside_one_gpu_is_refused_before_anything_starts(llama, device, share):
+    with pytest.raises(ValueError, match=rf"gpus_per_rank={share!r}: a fraction of one GPU in \(0, 1\], for device='cuda' only"):
+        orchestrator.load(llama, device=device, gpus_per_rank=share, address="127.0.0.1:1")  # no cluster is contacted

@@ -108,7 +108,11 @@ def llama(tmp_path_factory):
     return checkpoints.llama(str(tmp_path_factory.mktemp("llama")), tied=False)
 
 
-def test_unmatched_keys_are_reported_by_name(llama, tmp_path):
+def test_unmatched_keys_are_reported_by_name_as_transformers_does(llama, tmp_path):
+    """Unexpected tensors are not loaded and a missing one is initialised, as from_pretrained does (which
+    initialises RMSNorm weights to ones: the state is bit-exact), and both are reported, sorted."""
+    from transformers import AutoModelForCausalLM
+
     def edit(state):
         state["model.extra.weight"] = torch.zeros(3)
         state["model.layers.9.oops"] = torch.zeros(1)
@@ -116,19 +120,29 @@ def test_unmatched_keys_are_reported_by_name(llama, tmp_path):
         return state
 
     path = checkpoints.rewrite(llama, str(tmp_path / "bad"), edit)
-    with pytest.raises(ConversionError) as err:
+    plan = orchestrator.plan(path, tp=2)
+    reference, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert plan.keys.unexpected == tuple(sorted(info["unexpected_keys"])) == ("model.extra.weight", "model.layers.9.oops")
+    assert plan.keys.missing == tuple(sorted(info["missing_keys"])) == ("model.norm.weight",)
+    assert "initialised: 1 model tensor(s)" in "\n".join(plan.keys.lines())
+    state, _ = checkpoints.load_in_process(plan)
+    checkpoints.assert_state_equal(state, reference.state_dict())
+
+
+def test_a_checkpoint_that_fills_nothing_is_refused(llama, tmp_path):
+    path = checkpoints.rewrite(llama, str(tmp_path / "other"), lambda s: {f"other.{k}": v for k, v in s.items()})
+    with pytest.raises(ConversionError, match="none of the checkpoint's 30 tensor\\(s\\) fills a tensor of LlamaForCausalLM"):
         orchestrator.plan(path)
-    message = str(err.value)
-    assert "1 parameter(s) nothing in the checkpoint fills: ['model.norm.weight']" in message
-    assert "2 checkpoint tensor(s) that match no parameter: ['model.extra.weight', 'model.layers.9.oops']" in message
 
 
 def test_user_renamings(llama, tmp_path):
     path = checkpoints.rewrite(llama, str(tmp_path / "prefixed"),
                                lambda s: {k.replace("model.", "decoder.", 1): v for k, v in s.items()})
-    with pytest.raises(ConversionError, match="decoder.embed_tokens.weight"):
-        orchestrator.plan(path)
+    unrenamed = orchestrator.plan(path)  # as transformers: not loaded, and initialised, but reported
+    assert "decoder.embed_tokens.weight" in unrenamed.keys.unexpected
+    assert "model.embed_tokens.weight" in unrenamed.keys.missing
     plan = orchestrator.plan(path, tp=2, renamings={r"^decoder\.": "model."})
+    assert plan.keys.clean
     state, _ = checkpoints.load_in_process(plan)
     checkpoints.assert_state_equal(state, checkpoints.state_of(llama))
 
@@ -251,3 +265,31 @@ def test_pickle_checkpoint_with_opt_in(llama, tmp_path):
         assert r.read_bytes <= 1.05 * r.param_bytes
     state, _ = checkpoints.load_in_process(plan)
     checkpoints.assert_state_equal(state, model.state_dict())
+
+
+def test_gpt2_legacy_buffers_as_transformers_treats_them(tmp_path, capsys):
+    """GPT-2 checkpoints of older transformers versions hold per-layer ``attn.bias`` (which GPT-2 declares it
+    ignores) and ``attn.masked_bias`` (which transformers reports as unexpected): loaded anyway, state bit-exact,
+    reported as from_pretrained reports them, and printed by ``meshload plan``."""
+    from transformers import GPT2LMHeadModel
+
+    from orchestrator.cli import main
+
+    saved = checkpoints.family(str(tmp_path / "gpt2"), "gpt2", shard=None)
+
+    def legacy(state):
+        for i in range(3):
+            state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(128, 128, dtype=torch.bool))[None, None]
+            state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        return state
+
+    path = checkpoints.rewrite(saved, str(tmp_path / "legacy"), legacy)
+    reference, info = GPT2LMHeadModel.from_pretrained(path, output_loading_info=True)
+    plan = orchestrator.plan(path, tp=2)
+    assert plan.keys.ignored == tuple(f"transformer.h.{i}.attn.bias" for i in range(3))
+    assert plan.keys.unexpected == tuple(sorted(info["unexpected_keys"])) == tuple(f"transformer.h.{i}.attn.masked_bias" for i in range(3))
+    assert plan.keys.missing == ()
+    state, _ = checkpoints.load_in_process(plan)
+    checkpoints.assert_state_equal(state, reference.state_dict())
+    assert main(["plan", path, "--tp", "2"]) == 0
+    assert "not loaded: 3 checkpoint tensor(s) that match no model tensor (transformers: UNEXPECTED)" in capsys.readouterr().out

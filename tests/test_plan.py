@@ -159,3 +159,23 @@ def test_bad_config_fails_with_values(untied, tmp_path):
     json.dump(config, open(path / "config.json", "w"))
     with pytest.raises(ConfigError, match=r"config.json: invalid llama config: .*hidden size \(32\) is not a multiple of the number of attention heads \(5\)"):
         make_plan(str(path))
+
+
+def test_without_architectures_the_class_is_the_one_the_checkpoint_fills(tmp_path):
+    """No ``architectures`` in config.json: of the model type's auto classes, the one the checkpoint fills best
+    (a BERT base checkpoint → BertModel, with nothing reported; a tied Llama → LlamaForCausalLM)."""
+    from transformers import BertConfig, BertModel
+
+    def drop_architectures(path):
+        config = json.load(open(f"{path}/config.json"))
+        del config["architectures"]
+        json.dump(config, open(f"{path}/config.json", "w"))
+        return path
+
+    bert = str(tmp_path / "bert")
+    checkpoints.save(BertModel(BertConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=64)), bert)
+    plan = make_plan(drop_architectures(bert), tp=2)
+    assert plan.model.class_name == "BertModel" and plan.keys.clean
+    llama = drop_architectures(checkpoints.llama(str(tmp_path / "llama"), tied=True))
+    assert make_plan(llama).model.class_name == "LlamaForCausalLM"

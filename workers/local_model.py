@@ -8,6 +8,11 @@ they would be garbage (``to_empty``) or meta, so they are materialized and recom
 own ``_init_weights``, exactly as transformers' ``from_pretrained`` does, with every loaded tensor
 marked initialized so nothing loaded is overwritten.
 
+Tensors the checkpoint lacks (``ParamPlan.computed``: a task head on a base-model checkpoint, a
+persistent buffer) get the same treatment, as ``from_pretrained`` initialises its missing keys: each
+is initialised at its full shape — from one fixed seed, so every TP rank of a stage computes the same
+values and a replicated tensor is equal on all of them — then cut down to the rank's shard.
+
 Runs on every rank.
 """
 
@@ -15,15 +20,18 @@ from __future__ import annotations
 
 import torch
 
-from planning.plan import LoadPlan, RankPlan
+from planning.plan import LoadPlan, ParamPlan, RankPlan
 from planning.skeleton import build_meta_model, config_from_dict, parse_dtype
+
+
+INIT_SEED = 0  # seed of the initialisation of tensors the checkpoint lacks (the same on every rank)
 
 
 def rebuild_meta_model(plan: LoadPlan) -> torch.nn.Module:
     config = config_from_dict(plan.model.config, source=f"{plan.model.source}/config.json")
-    attn = "eager" if plan.attn_implementation == "eager" else "sdpa"
     return build_meta_model(
-        config, model_class=plan.model.class_name, dtype=parse_dtype(plan.dtype), attn_implementation=attn
+        config, model_class=plan.model.class_name, dtype=parse_dtype(plan.dtype),
+        attn_implementation=plan.attn_implementation,
     )
 
 
@@ -46,31 +54,53 @@ def build_local_model(
     *,
     meta_model: torch.nn.Module | None = None,
 ) -> torch.nn.Module:
-    """Install ``tensors`` (name → local tensor) into a fresh (or the given, unused) meta model and compute the buffers."""
+    """Install ``tensors`` (name → local tensor) into a fresh (or the given, unused) meta model, initialise what the
+    checkpoint lacks and the non-persistent buffers; ``tensors`` gains the initialised tensors and every alias."""
     model = meta_model if meta_model is not None else rebuild_meta_model(plan)
-    installed: dict[str, torch.Tensor] = {}
     for p in rank_plan.params:
-        if p.alias_of is not None or p.computed:
-            continue
-        _install(model, p.name, tensors[p.name], is_buffer=p.is_buffer)
-        installed[p.name] = model.get_parameter(p.name) if not p.is_buffer else model.get_buffer(p.name)
-    for p in rank_plan.params:
-        if p.alias_of is not None:
-            _install(model, p.name, installed[p.alias_of], is_buffer=p.is_buffer)
-        elif p.computed:
-            spec_buffer = model.get_buffer(p.name)
-            _install(model, p.name, torch.empty(p.shape, dtype=spec_buffer.dtype, device=device), is_buffer=True)
+        if p.alias_of is None and not p.computed:
+            _install(model, p.name, tensors[p.name], is_buffer=p.is_buffer)
+    initialised = [p for p in rank_plan.params if p.computed]
+    for p in initialised:  # at full shape: the model's init sees the tensor transformers would initialise
+        meta = _get(model, p.name, is_buffer=p.is_buffer)
+        _install(model, p.name, torch.empty(p.full_shape, dtype=meta.dtype, device=device), is_buffer=p.is_buffer)
     for name, buffer in list(model.named_non_persistent_buffers()):
         _install(model, name, torch.empty_like(buffer, device=device), is_buffer=True)
 
-    # Recompute buffers with the model's own init, touching nothing that was loaded (or lives on another stage).
-    computed = {p.name for p in rank_plan.params if p.computed} | {n for n, _ in model.named_non_persistent_buffers()}
+    # Initialise with the model's own init, touching nothing that was loaded (or lives on another stage).
+    todo = {p.name for p in initialised} | {n for n, _ in model.named_non_persistent_buffers()}
     for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
-        if name not in computed:
+        if name not in todo:
             tensor._is_hf_initialized = True
     for module in model.modules():
         own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         if all(getattr(t, "_is_hf_initialized", False) for t in own):
             module._is_hf_initialized = True
-    model.initialize_weights()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(INIT_SEED)
+        model.initialize_weights()
+    full = {p.name: _get(model, p.name, is_buffer=p.is_buffer).detach() for p in initialised}
+    for p in initialised:
+        value = full[p.tied_to] if p.tied_to is not None else full[p.name]  # a tie: the owner's value, as transformers ties
+        if p.shard is not None or p.tied_to is not None:
+            _install(model, p.name, shard_of(value, p) if p.shard is not None else value.clone(), is_buffer=p.is_buffer)
+        tensors[p.name] = _get(model, p.name, is_buffer=p.is_buffer)
+    for p in rank_plan.params:
+        if p.alias_of is not None:
+            _install(model, p.name, _get(model, p.alias_of, is_buffer=p.is_buffer), is_buffer=p.is_buffer)
+            tensors[p.name] = tensors[p.alias_of]
     return model
+
+
+def _get(model: torch.nn.Module, name: str, *, is_buffer: bool) -> torch.Tensor:
+    return model.get_buffer(name) if is_buffer else model.get_parameter(name)
+
+
+def shard_of(full: torch.Tensor, p: ParamPlan) -> torch.Tensor:
+    """The rank's local tensor of ``p`` cut from the full one (zero padding where the shard has some)."""
+    local = torch.zeros(p.shape, dtype=full.dtype, device=full.device)
+    at = 0
+    for start, length in p.shard.pieces:
+        local.narrow(p.shard.dim, at, length).copy_(full.narrow(p.shard.dim, start, length))
+        at += length
+    return local

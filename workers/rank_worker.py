@@ -2,9 +2,10 @@
 
 Lifecycle, each step a method the driver calls (with a timeout):
 
-1. ``RankWorker(plan, rank)`` — cheap; sets thread count and device, and starts importing
-   transformers' model code in the background. With ``plan=None`` the rank starts while the driver
-   is still planning; ``attach(plan)`` then hands it the plan.
+1. ``RankWorker(plan, rank, device=...)`` — cheap; sets thread count and, in the background, readies
+   the device (CUDA context, page-locked staging buffers). With ``plan=None`` the rank starts while
+   the driver is still planning, importing transformers' model code meanwhile; ``attach(plan)`` then
+   hands it the plan. With a plan, that import waits until the reads are done, so it never slows them.
 2. ``load(paths)`` — reads the rank's planned byte ranges into freshly allocated local tensors
    (``workers.reader``); ``progress()`` can be polled meanwhile from another thread.
 3. ``tied_for(rank)`` / ``receive_tied(...)`` — a tied tensor read by one pipeline stage is handed to
@@ -31,10 +32,12 @@ import torch
 from planning.plan import LoadPlan, ParamPlan
 from planning.skeleton import parse_dtype
 from workers.distributed import free_port, init_world, leave_world
+from workers.fingerprint import fingerprint
 from workers.local_model import build_local_model, rebuild_meta_model
-from workers.reader import CheckpointFiles, Progress, io_defaults, read_items, zero_copy_view
+from workers.reader import URING_DEPTH, CheckpointFiles, Progress, io_defaults, read_items, zero_copy_view
 from workers.report import RankReport, io_counters, node_location, peak_rss_bytes, process_age_s
 from workers.stage_runner import StageRunner
+from workers.staging import StagingRing
 from workers.tp_runtime import GroupSlot, apply_tensor_parallel
 
 
@@ -78,6 +81,7 @@ class RankWorker:
         io_threads: int | None = None,
         staging_bytes: int | None = None,
         zero_copy: bool = True,
+        device: str | None = None,
     ) -> None:
         self.rank = rank
         if num_threads:
@@ -96,14 +100,22 @@ class RankWorker:
         self._read_s = 0.0
         self.runner: StageRunner | None = None
         self.cache = None
-        # Importing transformers' model code takes seconds in a fresh process: start it now, in the
-        # background, so it overlaps planning, placement, fetch and the reads.
+        self.weights_ready_at = 0.0  # wall clock (epoch s) when the last read landed in the rank's storage
+        # The device is readied at once, while the driver may still be planning: CUDA context, and the
+        # page-locked staging buffers every read to the GPU goes through.
+        self._staging = None
+        self._device_ready = threading.Thread(target=self._ready_device, args=(device,), name="meshload-device", daemon=True)
+        self._device_ready.start()
+        # Importing transformers' model code takes seconds in a fresh process. Without a plan yet, the
+        # import overlaps the driver's planning; with one, it waits until the reads are done, so it never
+        # competes with them (the module is built around the weights, not before them).
         self._skeleton: dict = {}
         self._attached = threading.Event()
         self._skeleton_thread = threading.Thread(target=self._prebuild, name="meshload-skeleton", daemon=True)
-        self._skeleton_thread.start()
         if plan is not None:
             self._set_plan(plan)
+        else:
+            self._skeleton_thread.start()
 
     def attach(self, plan: LoadPlan | str) -> None:
         """Give the rank its plan (once), then check that this node can run it (``check_kernels``)."""
@@ -124,6 +136,22 @@ class RankWorker:
         self.progress = Progress(total=self.rank_plan.read_bytes)
         self.plan = plan
         self._attached.set()
+
+    def _ready_device(self, device: str | None) -> None:
+        """CUDA context and staging buffers, for a rank told it runs on a GPU (errors surface in ``load``)."""
+        if device != "cuda":
+            return
+        try:
+            torch.cuda.init()
+            torch.empty(1, device="cuda")  # the context
+            _, staging_bytes = io_defaults(torch.device("cuda"))
+            self._staging = StagingRing(URING_DEPTH, self._io_options[1] or staging_bytes, pin=True).fill()
+        except BaseException as exc:  # noqa: BLE001 - reported by load(), on the caller's thread
+            self._staging = exc
+
+    def _start_prebuild(self) -> None:
+        if not self._skeleton_thread.is_alive() and self._skeleton_thread.ident is None:
+            self._skeleton_thread.start()
 
     def _prebuild(self) -> None:
         try:
@@ -149,6 +177,12 @@ class RankWorker:
             raise RuntimeError(f"rank {self.rank}: no plan attached; call attach(plan) first")
         self._t0 = time.perf_counter()
         self._bytes_fetched = bytes_fetched
+        self._device_ready.join()
+        staging = self._staging
+        if isinstance(staging, BaseException):
+            raise staging
+        if staging is not None and (self.device.type != "cuda" or staging.nbytes != self.staging_bytes):
+            staging = None
         disk_before = io_counters().get("read_bytes", 0)
         readable = [p for p in self.rank_plan.params if p.reads]
         with CheckpointFiles(paths) as files:
@@ -162,12 +196,15 @@ class RankWorker:
             to_read = [p for p in readable if p.name not in self._mapped]
             self.tensors.update(allocate_params(to_read, self.device))
             jobs = [(item, self.tensors[p.name]) for p in to_read for item in p.reads]
-            read_items(files, jobs, progress=self.progress, threads=self.io_threads, staging_bytes=self.staging_bytes)
+            read_items(files, jobs, progress=self.progress, threads=self.io_threads, staging_bytes=self.staging_bytes,
+                       staging=staging)
             self._bytes_read = files.bytes_read
+        self.weights_ready_at = time.time()
         self._disk_read = io_counters().get("read_bytes", 0) - disk_before
         self._read_s = time.perf_counter() - self._t0
+        self._start_prebuild()
         for p in self.rank_plan.params:
-            if p.alias_of is not None:
+            if p.alias_of is not None and p.alias_of in self.tensors:  # an initialised owner is aliased by finalize
                 self.tensors[p.name] = self.tensors[p.alias_of]
                 if p.alias_of in self._mapped:
                     self._mapped.add(p.name)
@@ -194,19 +231,17 @@ class RankWorker:
 
     def finalize(self) -> RankReport:
         """Build the local model and report. Every tensor of the rank must be present by now."""
-        missing = [p.name for p in self.rank_plan.params if not p.computed and p.name not in self.tensors]
+        missing = [p.name for p in self.rank_plan.params if not p.computed and p.alias_of is None and p.name not in self.tensors]
         if missing:
             raise RuntimeError(f"rank {self.rank}: tensors never filled: {missing}")
         t_build = time.perf_counter()
+        self._start_prebuild()
         self._skeleton_thread.join()
         if "error" in self._skeleton:
             raise self._skeleton["error"]
         self.model = build_local_model(
             self.plan, self.rank_plan, self.tensors, self.device, meta_model=self._skeleton.pop("model")
         )
-        for p in self.rank_plan.params:
-            if p.computed:
-                self.tensors[p.name] = self.model.get_buffer(p.name)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         where = self.where()
@@ -227,11 +262,22 @@ class RankWorker:
             read_seconds=self._read_s,
             build_seconds=time.perf_counter() - t_build,
             process_seconds=process_age_s(),
+            weights_ready_at=self.weights_ready_at,
         )
 
     def local_state(self) -> dict[str, torch.Tensor]:
         """The rank's loaded tensors (CPU copies), by model name; padding included."""
         return {p.name: self._export(p.name) for p in self.rank_plan.params if p.name in self.tensors}
+
+    def fingerprints(self) -> dict[str, tuple[str, tuple[int, ...], int]]:
+        """Per local tensor (padding included): dtype, shape and a digest of its bytes, computed on the
+        rank's device (``workers.fingerprint``); nothing is copied off the device."""
+        out = {}
+        for p in self.rank_plan.params:
+            t = self.tensors.get(p.name)
+            if t is not None:
+                out[p.name] = (str(t.dtype).removeprefix("torch."), tuple(t.shape), fingerprint(t))
+        return out
 
     def check_kernels(self) -> None:
         """Fail before any fetch if this rank's node cannot run the requested attention kernel."""

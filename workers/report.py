@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import asdict, dataclass
 
 
@@ -29,6 +30,7 @@ class RankReport:
     read_seconds: float = 0.0  # of ``seconds``: reading the planned ranges
     build_seconds: float = 0.0  # of ``seconds``: building the local model (and buffers)
     process_seconds: float = 0.0  # the rank process's age at ready: its start and imports included
+    weights_ready_at: float = 0.0  # wall clock (epoch seconds) when the rank's last read landed on its device
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -37,14 +39,10 @@ class RankReport:
 def node_location() -> dict:
     """Where this process runs: Ray node id and IP (empty outside Ray), host name, pid."""
     node_id, ip = "", ""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            node_id = ray.get_runtime_context().get_node_id()
-            ip = ray.util.get_node_ip_address()
-    except ImportError:
-        pass
+    ray = sys.modules.get("ray")  # never imported here: a rank outside Ray has no node to name
+    if ray is not None and ray.is_initialized():
+        node_id = ray.get_runtime_context().get_node_id()
+        ip = ray.util.get_node_ip_address()
     return {"node_id": node_id, "node_ip": ip, "host": socket.gethostname(), "pid": os.getpid()}
 
 

@@ -33,14 +33,21 @@ class _StageOutput(Exception):
 class CachePassthrough(torch.nn.Module):
     """Stands in for a layer of another stage: returns its input, keeps the cache length right."""
 
-    def __init__(self, layer_idx: int) -> None:
+    def __init__(self, layer_idx: int, *, like: torch.nn.Module | None = None) -> None:
         super().__init__()
+        if like is not None:  # the model's forward may read the layer's plain attributes (e.g. attention_type)
+            for key, value in vars(like).items():
+                if not key.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
+                    setattr(self, key, value)
         self.layer_idx = layer_idx
 
     def forward(self, hidden_states, *args, **kwargs):
         cache = kwargs.get("cache")  # transformers >= 5.24; "past_key_values" before
         if cache is None:
             cache = kwargs.get("past_key_values")
+        layers = getattr(cache, "layers", None)
+        if layers is not None and self.layer_idx < len(layers) and not hasattr(layers[self.layer_idx], "update"):
+            return hidden_states  # a recurrent (linear-attention, SSM) layer: its state has no length to keep
         if cache is not None and hasattr(cache, "update"):
             b, t = hidden_states.shape[0], hidden_states.shape[1]
             stub = hidden_states.new_zeros(b, 1, t, 1)
@@ -57,10 +64,11 @@ def cache_argument(model: torch.nn.Module) -> str:
 class ZeroHidden(torch.nn.Module):
     """Stands in for the embeddings on later stages: zeros shaped like the embeddings' output."""
 
-    def __init__(self, hidden_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.dtype = dtype
+        self.weight = torch.empty(0, dtype=dtype, device=device)  # for forwards that read embed_tokens.weight.device
 
     def forward(self, *args, **kwargs):
         ids = args[0] if args else kwargs.get("input_ids")
@@ -106,13 +114,14 @@ class StageRunner:
         layers = model.get_submodule(layers_path)
         for i in range(len(layers)):
             if not stage.layer_start <= i < stage.layer_stop:
-                layers[i] = CachePassthrough(i)
+                layers[i] = CachePassthrough(i, like=layers[i])
         if not self.first:
             hidden = model.config.get_text_config().hidden_size
             dtype = parse_dtype(plan.dtype)
+            device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
             for mod_name in _top_modules(model, _names_before_layers(model, layers_path)):
                 parent, _, leaf = mod_name.rpartition(".")
-                setattr(model.get_submodule(parent), leaf, ZeroHidden(hidden, dtype))
+                setattr(model.get_submodule(parent), leaf, ZeroHidden(hidden, dtype, device))
             layers[stage.layer_start].register_forward_pre_hook(self._swap_in, with_kwargs=True)
         if not self.last:
             layers[stage.layer_stop - 1].register_forward_hook(self._stop)

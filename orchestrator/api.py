@@ -7,15 +7,16 @@ background thread (building the meta skeleton imports transformers' model code, 
 import too: the two overlap); hand the plan to the ranks; fetch (Hub checkpoints: each node downloads
 only what its ranks read); materialize (each rank reads its byte ranges); hand tied tensors across
 stages; finalize (each rank builds its local model). No weight byte is read before the plan is
-complete. On any failure — or Ctrl-C — everything started so far is removed before the exception
-propagates; a planning error is reported as itself, whatever step it interrupted.
+complete. A rank (or node fetcher) whose process dies in any of these steps is restarted and the load
+goes on (``RankGroup.settle``, bounded by ``max_restarts``). On any other failure — or Ctrl-C —
+everything started so far is removed before the exception propagates; a planning error is reported
+as itself, whatever step it interrupted.
 
 Runs on the driver.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -104,6 +105,7 @@ def load(
     fetch: str | None = None,
     fetch_gap_bytes: int | None = None,
     worker_cls: type | None = None,
+    fetcher_cls: type | None = None,
     plan_cache: bool | str | os.PathLike = True,
     **plan_options,
 ) -> LoadedModel:
@@ -116,8 +118,12 @@ def load(
     simulated nodes). Hub checkpoints: ``fetch`` is ``"ranges"`` (default: each node downloads only
     the byte ranges its ranks read, joining ranges closer than ``fetch_gap_bytes``, 1 MiB by default)
     or ``"files"`` (whole files). On CPU, ``zero_copy`` (default) makes shards that are one contiguous
-    range of a file private mappings of the page cache instead of copies. A rank whose actor dies (process killed, node lost) is restarted up to
-    ``max_restarts`` times, on another node if its node is gone and the cluster has room.
+    range of a file private mappings of the page cache instead of copies. A rank whose process dies
+    (killed, or its node lost) in any phase of the load — or a node's fetcher — is restarted up to
+    ``max_restarts`` times, on another node if its node is gone and the cluster has room; during
+    inference, each ``logits``/``generate`` call restores up to ``max_restarts`` lost ranks' deaths.
+    ``worker_cls``/``fetcher_cls`` replace ``RankWorker``/``NodeFetcher`` with a subclass (the tests
+    inject faults with them).
     ``gpus_per_rank`` (``device="cuda"``): the share of a GPU each rank reserves, 1 by default; below 1
     ranks share GPUs (pipeline stages at tp=1 do; TP ranks need a GPU each for NCCL).
     ``plan_cache``: plans are kept on the driver's disk and reused when the checkpoint's config and
@@ -151,7 +157,7 @@ def load(
             gpus_per_node=math.ceil(ranks_per_node * gpus_per_rank),
         )
         phases.mark("connect")
-        group = RankGroup(node_of_rank, timeout_s=timeout_s)
+        group = RankGroup(node_of_rank, timeout_s=timeout_s, max_restarts=max_restarts)
         group.start(  # the ranks import torch and transformers while the plan is finished
             cpus_per_rank=cpus_per_rank,
             gpus_per_rank=gpus_per_rank,
@@ -170,22 +176,14 @@ def load(
             group.attach(load_plan)  # e.g. flash-attn checked on every node, before a single weight byte is fetched
             phases.mark("attach plan")
         load_plan = planning.result()
-        fetch_options = dict(mode=fetch, max_gap_bytes=fetch_gap_bytes, **plan_options)
-        fetched = _node_files(load_plan, group, fetch_options, progress=progress)
+        files = _rank_files(load_plan, group, dict(mode=fetch, max_gap_bytes=fetch_gap_bytes, **plan_options),
+                            progress=progress, fetcher_cls=fetcher_cls)
+        files.fetch()
+        group.revive(group.dead_ranks(group.ranks), phase="fetch")  # ranks that died while their node fetched
         phases.mark("fetch")
-
-        def refetch():  # ranks re-placed on other machines read from those machines' caches, filled first
-            nonlocal fetched
-            from orchestrator.fetch_stage import merge_refetch
-
-            fetched = merge_refetch(fetched, _node_files(load_plan, group, fetch_options, progress=progress), node_of_rank)
-            return fetched.paths, fetched.bytes_fetched
-
-        reports = materialize(load_plan, group, list(fetched.paths), list(fetched.bytes_fetched), progress=progress,
-                              max_restarts=max_restarts, refetch=refetch if load_plan.model.kind == "hub" else None)
-        reports = [dataclasses.replace(r, restarts=group.restarts[r.rank]) for r in reports]
+        reports = materialize(load_plan, group, files, progress=progress)
         phases.mark("materialize")
-        return LoadedModel(load_plan, reports, group, connection, fetch_report=fetched.nodes, timeout_s=timeout_s,
+        return LoadedModel(load_plan, [reports[r] for r in group.ranks], group, connection, files=files, timeout_s=timeout_s,
                            timings=phases.seconds, plan_cached=planning.cached)
     except BaseException as exc:
         try:
@@ -302,15 +300,13 @@ def _rank_env(connection) -> dict[str, str]:
     return {"GLOO_SOCKET_IFNAME": "lo"} if connection.embedded is not None else {}
 
 
-def _node_files(load_plan: LoadPlan, group: RankGroup, plan_options: dict, *, progress: bool):
-    """Per rank: plan file name → local path and bytes fetched for it; per node: a fetch report."""
-    from orchestrator.fetch_stage import FetchResult, fetch_for_ranks
+def _rank_files(load_plan: LoadPlan, group: RankGroup, plan_options: dict, *, progress: bool, fetcher_cls: type | None):
+    """Where each rank reads: a local checkpoint's own files, or what each node fetched from the Hub."""
+    from orchestrator.fetch_stage import HubFetch, LocalFiles
 
     if load_plan.model.kind == "local":
-        root = load_plan.model.root
-        paths = {f.name: os.path.join(root, f.name) for f in load_plan.files}
-        return FetchResult(paths=[paths] * load_plan.world_size, bytes_fetched=[0] * load_plan.world_size, nodes=[])
-    return fetch_for_ranks(
+        return LocalFiles(load_plan)
+    return HubFetch(
         load_plan,
         group,
         cache_dir=plan_options.get("cache_dir"),
@@ -318,4 +314,5 @@ def _node_files(load_plan: LoadPlan, group: RankGroup, plan_options: dict, *, pr
         mode=plan_options.get("mode"),
         max_gap_bytes=plan_options.get("max_gap_bytes"),
         progress=progress,
+        fetcher_cls=fetcher_cls,
     )

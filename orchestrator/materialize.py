@@ -1,22 +1,29 @@
-"""Bring every rank to "ready": read its ranges, receive its tied tensors, build its model — surviving deaths.
+"""Bring ranks to "ready": read their ranges, receive their tied tensors, build their models — surviving deaths.
 
 Each rank goes ``new → loaded → tied → ready`` (``tied`` only for ranks that receive a tensor from
 another stage). The steps are per rank and idempotent, so when a rank's actor dies — its process was
 killed, or its node was lost — the rank is restarted in the same placement bundle (Ray re-places the
-bundle on another node if the old one is gone and the cluster has room) and redoes its steps, while
-the other ranks keep what they have done. Ranks waiting for a tensor from a restarted sender simply
-receive it again. Restarts are bounded per rank; past the bound, or for any error that is not a
-death (a truncated file, a bad plan), the load fails with the ranks and nodes named.
+bundle on another node if the old one is gone and the cluster has room; ``RankGroup.settle``) and
+redoes its steps, while the other ranks keep what they have done. Before a rank reads, its node's files
+must be on the machine it runs on: a rank re-placed on another machine has its node fetched again
+there (``files.stale`` / ``files.fetch``). Ranks waiting for a tensor from a restarted sender simply
+receive it again. Restarts are bounded per rank; past the bound, or for any error that is not a death
+(a truncated file, a bad plan), the load fails with the ranks, nodes and phase named. Once every rank
+is ready, each is asked once more that it lives: a rank that died after finishing is brought back too.
 
-Runs on the driver, inside ``orchestrator.load``.
+The same machinery restores ranks lost during inference (``ranks=`` the lost ones; the others are
+ready and keep their state): only the lost ranks read their bytes again.
+
+Runs on the driver, inside ``orchestrator.load`` and ``LoadedModel``.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from orchestrator.progress import NodeProgress
-from orchestrator.rank_group import RankError, RankGroup, group_errors, is_actor_death
+from orchestrator.rank_group import RankGroup
 from planning.plan import LoadPlan
 from workers.report import RankReport
 
@@ -37,24 +44,14 @@ def _throttled(fn, every_s: float):
     return call
 
 
-def materialize(
-    plan: LoadPlan,
-    group: RankGroup,
-    paths: list[dict[str, str]],
-    fetched: list[int],
-    *,
-    progress: bool,
-    max_restarts: int,
-    refetch=None,
-) -> list[RankReport]:
-    """Run load / ties / finalize on every rank with bounded restarts; returns the reports in rank order.
+def materialize(plan: LoadPlan, group: RankGroup, files, *, progress: bool, ranks: list[int] | None = None) -> dict[int, RankReport]:
+    """Run load / ties / finalize on ``ranks`` (default all) with bounded restarts; returns rank → report.
 
-    ``refetch()`` (Hub loads) fetches again and returns new ``(paths, fetched)``: a rank re-placed on
-    another node must read from that node's cache, which the fetch fills first."""
+    ``files`` (``orchestrator.fetch_stage.LocalFiles`` or ``HubFetch``) says where each rank reads, and
+    fetches again for ranks re-placed on another machine."""
     import ray
 
-    ranks = [r.rank for r in plan.ranks]
-    state = {r: "new" for r in ranks}
+    state = {r: "new" for r in (group.ranks if ranks is None else ranks)}
     reports: dict[int, RankReport] = {}
     senders_of: dict[int, list[int]] = {}
     for r in plan.ranks:
@@ -65,7 +62,7 @@ def materialize(
 
     def poll(of: list[int] | None = None) -> None:
         """Update the bar from the given ranks (once they have finished), else from every rank still loading."""
-        targets = of if of is not None else [r for r in ranks if state[r] == "new"]
+        targets = of if of is not None else [r for r in state if state[r] == "new"]
         refs = group.submit("get_progress", ranks=targets)
         for r, ref in refs.items():
             try:
@@ -74,47 +71,40 @@ def materialize(
                 pass
         bar.update(done_bytes)
 
-    def recover(errors: dict[int, BaseException], step: str) -> None:
-        """Restart dead ranks (bounded); raise for anything else."""
-        suspects = sorted(set(errors) | {s for r in errors for s in senders_of.get(r, [])})
-        dead = {r for r in errors if is_actor_death(errors[r])} | group.dead_ranks(suspects)
-        if not dead:
-            raise group_errors(errors, group.where)
-        moved = False
-        for r in sorted(dead):
-            if group.restarts[r] >= max_restarts:
-                raise RankError(
-                    f"rank {r} (node {group.where.get(r, '?')}) died {group.restarts[r] + 1} times during {step}; "
-                    f"giving up after {max_restarts} restart(s)"
-                ) from errors.get(r)
-            log.warning("meshload: rank %d (node %s) died during %s; restarting it", r, group.where.get(r, "?"), step)
-            before = group.node_ids.get(r)
-            group.restart(r)
-            moved |= group.node_ids.get(r) != before
+    def restarted(dead: set[int]) -> None:
+        """Ranks restarted: they start over; receivers not yet ready take their tied tensors again."""
+        for r in dead:
             state[r] = "new"
             done_bytes.pop(r, None)
-        if moved and refetch is not None:
-            new_paths, new_fetched = refetch()
-            paths[:] = new_paths
-            fetched[:] = new_fetched
-        for r in ranks:  # receivers not yet ready take their tied tensors again from restarted senders
+        for r in state:
             if state[r] == "tied" and any(s in dead for s in senders_of.get(r, [])):
                 state[r] = "loaded"
 
+    def recover(errors: dict[int, BaseException], phase: str, suspects=()) -> None:
+        restarted(group.settle(errors, phase=phase, suspects=suspects))
+
     try:
         while True:
-            todo = [r for r in ranks if state[r] == "new"]
+            todo = [r for r in state if state[r] == "new"]
+            stale = files.stale(todo)
+            if stale:  # re-placed, or dead on a lost node: bring the dead back first, then fetch where they are
+                dead = group.dead_ranks(stale)
+                if dead:
+                    group.revive(dead, phase="fetch")
+                    restarted(dead)
+                files.fetch(sorted({group.node_of_rank[r] for r in files.stale(todo)}))
             if todo:
                 results, errors = group.call_each(
-                    "load", per_rank_args=[(paths[r], fetched[r]) for r in todo], ranks=todo, poll=_throttled(poll, 0.5)
+                    "load", per_rank_args=[(files.paths(r), files.bytes_fetched(r)) for r in todo], ranks=todo,
+                    poll=_throttled(poll, 0.5),
                 )
                 poll(of=list(results))  # the final figures of the ranks that finished
                 for r in results:
                     state[r] = "loaded"
                 if errors:
-                    recover(errors, "load")
+                    recover(errors, "read")
                     continue
-            receivers = [r for r in ranks if state[r] == "loaded" and r in senders_of]
+            receivers = [r for r in state if state[r] == "loaded" and r in senders_of]
             if receivers:
                 refs = {}
                 for to in receivers:
@@ -125,19 +115,24 @@ def materialize(
                 )
                 for r in results:
                     state[r] = "tied"
-                if errors:
-                    recover(errors, "tie exchange")
+                if errors:  # a failed receive may be its sender's death: ask the senders too
+                    recover(errors, "tie exchange", suspects=[s for r in errors for s in senders_of[r]])
                     continue
-            todo = [r for r in ranks if state[r] in ("loaded", "tied") and (state[r] == "tied" or r not in senders_of)]
-            results, errors = group.call_each("finalize", ranks=todo)
-            for r, report in results.items():
-                state[r] = "ready"
-                reports[r] = report
-            if errors:
-                recover(errors, "finalize")
-                continue
+            todo = [r for r in state if state[r] == "tied" or (state[r] == "loaded" and r not in senders_of)]
+            if todo:
+                results, errors = group.call_each("finalize", ranks=todo)
+                for r, report in results.items():
+                    state[r] = "ready"
+                    reports[r] = report
+                if errors:
+                    recover(errors, "finalize")
+                    continue
             if all(s == "ready" for s in state.values()):
-                break
+                dead = group.dead_ranks(list(state))  # died after it was ready, while others were still loading
+                if not dead:
+                    break
+                group.revive(dead, phase="wait for the other ranks")
+                restarted(dead)
     finally:
         bar.close()
-    return [reports[r] for r in ranks]
+    return {r: replace(report, restarts=group.restarts[r]) for r, report in reports.items()}

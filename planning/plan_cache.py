@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -41,6 +42,7 @@ log = logging.getLogger("meshload")
 
 CACHE_ENV = "MESHLOAD_PLAN_CACHE"
 MAX_ENTRIES = 64
+STALE_TMP_S = 600.0  # writing an entry takes milliseconds; a temporary file this old was a killed driver's
 
 
 def plan_cache_dir(chosen: str | os.PathLike | None = None) -> Path:
@@ -155,10 +157,14 @@ class PlanCache:
         return path
 
     def _prune(self) -> None:
-        """Remove the least recently used entries beyond ``max_entries``."""
+        """Remove the least recently used entries beyond ``max_entries``, and what a driver killed while
+        writing an entry left (a temporary file older than ``STALE_TMP_S``: one being written is younger)."""
         try:
             entries = sorted(self.folder.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
             for old in entries[: max(0, len(entries) - self.max_entries)]:
                 old.unlink()
+            for tmp in self.folder.glob(".*.tmp"):
+                if time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+                    tmp.unlink()
         except OSError:  # another driver pruned it first
             pass

@@ -1,7 +1,10 @@
-"""Rank worker classes that inject real faults, swapped in with ``load(worker_cls=...)``.
+"""Rank worker and node fetcher classes that inject real faults, swapped in with
+``load(worker_cls=..., fetcher_cls=...)``.
 
 They are built by factories so each test sets its own victim and marker folder; Ray pickles the
-classes by value (``register_pickle_by_value``), so workers need not import the tests package.
+classes by value (``register_pickle_by_value``), so workers need not import the tests package. A death
+is a real ``SIGKILL`` of the process (as the OOM killer or a preempted machine would do); attempts
+are counted in marker files, across processes, so a victim dies only on its first ``times`` attempts.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import time
 
 import ray.cloudpickle
 
+from workers.fetcher import NodeFetcher
 from workers.rank_worker import RankWorker
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -69,3 +73,129 @@ def announces_start(marker_dir: str) -> type:
             open(os.path.join(marker_dir, f"started-{rank}-{'with' if plan is not None else 'without'}-plan"), "w").close()
 
     return AnnouncesStart
+
+
+def _next_attempt(marker_dir: str, name: str, times: int) -> bool:
+    """True (and the attempt booked) while ``name`` has died fewer than ``times`` times."""
+    attempts = len([f for f in os.listdir(marker_dir) if f.startswith(f"{name}-")])
+    if attempts >= times:
+        return False
+    open(os.path.join(marker_dir, f"{name}-{attempts}"), "w").close()
+    return True
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+RANK_PHASES = ("start", "import", "attach", "tie send", "tie receive", "finalize", "process group", "inference")
+
+
+def killed_in(phase: str, marker_dir: str, *, victim: int, times: int = 1, step: int = 0) -> type:
+    """A worker whose rank ``victim`` SIGKILLs its own process in ``phase`` (markers ``<phase>-rank<victim>-<n>``):
+
+    - ``start``: in its constructor, as soon as its process appears;
+    - ``import``: when its background thread starts importing transformers' model code;
+    - ``attach``: when it is handed the plan;
+    - ``tie send`` / ``tie receive``: when it hands a tied tensor to another stage / receives one;
+    - ``finalize``: when it builds its model;
+    - ``process group``: when asked to join the inference process group (before joining: its peers
+      wait for it);
+    - ``inference``: in its ``step``-th ``forward_step`` (counted from 0 in each process), while its TP
+      peers run the same step and wait for it in their collectives.
+    """
+    if phase not in RANK_PHASES:
+        raise ValueError(f"phase {phase!r}: expected one of {RANK_PHASES}")
+    name = f"{phase.replace(' ', '-')}-rank{victim}"
+
+    def maybe_die(rank: int) -> None:
+        if rank == victim and _next_attempt(marker_dir, name, times):
+            _die()
+
+    class KilledIn(RankWorker):
+        def __init__(self, plan, rank, **kwargs):
+            if phase == "start":
+                maybe_die(rank)
+            if phase == "import" and rank == victim:
+                def hook(event, args):
+                    if event == "import" and args[0] == "transformers.modeling_utils":
+                        maybe_die(rank)
+
+                sys.addaudithook(hook)  # fires in the background thread that imports the model code
+            self._steps = 0
+            super().__init__(plan, rank, **kwargs)
+
+        def attach(self, plan):
+            if phase == "attach":
+                maybe_die(self.rank)
+            return super().attach(plan)
+
+        def tied_for(self, to_rank):
+            if phase == "tie send":
+                maybe_die(self.rank)
+            return super().tied_for(to_rank)
+
+        def receive_tied(self, *parts):
+            if phase == "tie receive":
+                maybe_die(self.rank)
+            return super().receive_tied(*parts)
+
+        def finalize(self):
+            if phase == "finalize":
+                maybe_die(self.rank)
+            return super().finalize()
+
+        def init_inference(self, *args, **kwargs):
+            if phase == "process group":
+                maybe_die(self.rank)
+            return super().init_inference(*args, **kwargs)
+
+        def forward_step(self, *args, **kwargs):
+            if phase == "inference" and self._steps == step:
+                maybe_die(self.rank)
+            self._steps += 1
+            return super().forward_step(*args, **kwargs)
+
+    KilledIn.__qualname__ = KilledIn.__name__ = f"KilledIn{phase.title().replace(' ', '')}"
+    return KilledIn
+
+
+def fetcher_killed_mid_fetch(marker_dir: str, *, node: int = 0, times: int = 1) -> type:
+    """A node fetcher whose node ``node`` SIGKILLs its own process once its first bytes are on disk, on its
+    first ``times`` attempts (markers ``fetcher-node<node>-<n>``)."""
+
+    class FetcherKilledMidFetch(NodeFetcher):
+        def _advance(self, n):
+            super()._advance(n)
+            if self.node == node and n > 0 and self._done > 0 and _next_attempt(marker_dir, f"fetcher-node{node}", times):
+                _die()
+
+    return FetcherKilledMidFetch
+
+
+def records_pid(marker_dir: str) -> type:
+    """A worker that writes its process id to ``pid-<rank>`` in ``marker_dir`` when it starts."""
+
+    class RecordsPid(RankWorker):
+        def __init__(self, plan, rank, **kwargs):
+            super().__init__(plan, rank, **kwargs)
+            with open(os.path.join(marker_dir, f"pid-{rank}"), "w") as f:
+                f.write(str(os.getpid()))
+
+    return RecordsPid
+
+
+def fetcher_killing_rank(marker_dir: str, *, victim: int, node: int) -> type:
+    """A node fetcher that, on node ``node``, SIGKILLs rank ``victim``'s process (its pid from
+    ``records_pid``) as its fetch begins, once (marker ``fetch-killed-rank<victim>``): a rank dying while
+    its node fetches."""
+
+    class FetcherKillingRank(NodeFetcher):
+        def fetch(self, token=None):
+            if self.node == node and _next_attempt(marker_dir, f"fetch-killed-rank{victim}", 1):
+                with open(os.path.join(marker_dir, f"pid-{victim}")) as f:
+                    pid = int(f.read())
+                os.kill(pid, signal.SIGKILL)
+            return super().fetch(token=token)
+
+    return FetcherKillingRank

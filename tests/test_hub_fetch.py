@@ -13,7 +13,10 @@ import hashlib
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -555,6 +558,86 @@ def test_a_file_the_hub_keeps_failing_is_a_clear_error_and_nothing_is_left(hub, 
         assert_cache_sound(cache, hub, SHARDED)
         assert not os.path.lexists(os.path.join(repo_folder(cache, SHARDED), "snapshots", plan.model.revision, victim))
     assert wait_until_clean() == ([], [])
+
+
+@pytest.mark.cluster
+def test_a_fetcher_killed_mid_fetch_is_started_again_and_the_load_is_bit_exact(hub, repos, cache_of, tmp_path):
+    """Node 0's fetcher SIGKILLs itself once its first bytes are on disk, in the middle of a whole-file
+    download (huggingface_hub's temporary file left behind); a new fetcher removes that file and fetches."""
+    path, oracle = repos[SHARDED]
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    fetcher = fault_workers.fetcher_killed_mid_fetch(str(markers), node=0)
+    with orchestrator.load(SHARDED, tp=2, nodes=2, fetch="files", fetcher_cls=fetcher, progress=False, timeout_s=300) as m:
+        assert os.listdir(markers) == ["fetcher-node0-0"]  # it really died, once
+        assert [n.restarts for n in m.fetch_report] == [1, 0] and [r.restarts for r in m.report] == [0, 0]
+        _check_node_caches(m, cache_of)
+        checkpoints.assert_state_equal(m.full_state_dict(), oracle)
+    for cache in cache_of.values():
+        assert_cache_sound(cache, hub, SHARDED)
+    assert wait_until_clean() == ([], [])
+
+
+@pytest.mark.cluster
+def test_a_rank_killed_while_its_node_fetches_is_restarted_and_the_load_is_bit_exact(hub, repos, cache_of, tmp_path):
+    path, oracle = repos[MEDIUM]
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    worker = fault_workers.records_pid(str(markers))
+    fetcher = fault_workers.fetcher_killing_rank(str(markers), victim=1, node=1)  # rank 1 is on node 1
+    with orchestrator.load(MEDIUM, tp=2, nodes=2, worker_cls=worker, fetcher_cls=fetcher, progress=False, timeout_s=300) as m:
+        assert os.path.exists(markers / "fetch-killed-rank1-0")
+        assert [r.restarts for r in m.report] == [0, 1]
+        _check_node_caches(m, cache_of)
+        checkpoints.assert_state_equal(m.full_state_dict(), oracle)
+    assert wait_until_clean() == ([], [])
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("mode, leftover", [("files", ".incomplete"), ("ranges", ".part")])
+def test_a_driver_killed_mid_fetch_leaves_no_actor_group_or_partial_file(hub, repos, cache_of, tmp_path, mode, leftover):
+    """A driver SIGKILLed while both nodes download (every body held back by the server): Ray removes its
+    actors and placement group; what the killed fetchers were writing (huggingface_hub's temporary
+    download, a part file with no manifest yet) is removed by their janitors."""
+    import ray
+
+    plan = orchestrator.plan(SHARDED, tp=2, nodes=2)  # planned here: the driver only fetches and loads
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    for f in plan.files:
+        hub.inject(Fault(match=hub.lfs_path(SHARDED, f.name), kind="slow", delay_s=60, times=-1, origin="cdn"))
+    script = f"""
+import sys
+sys.path.insert(0, {os.getcwd()!r})
+import orchestrator
+from planning.plan import LoadPlan
+plan = LoadPlan.from_json(open({str(tmp_path / "plan.json")!r}).read())
+orchestrator.load(plan, fetch={mode!r}, progress=False, timeout_s=300)
+"""
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def partial() -> list[str]:
+        return [os.path.join(base, n) for c in cache_of.values() for base, _, names in os.walk(c) for n in names
+                if n.endswith(leftover)]
+
+    try:
+        deadline = time.monotonic() + 120
+        while not partial():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no download ever started"
+            time.sleep(0.1)
+        proc.kill()
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert wait_until_clean(timeout_s=60) == ([], [])
+    deadline = time.monotonic() + 20
+    while partial() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert partial() == []
+    for cache in cache_of.values():
+        assert_cache_sound(cache, hub, SHARDED)
 
 
 @pytest.mark.destructive

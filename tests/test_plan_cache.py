@@ -81,6 +81,15 @@ def test_the_folder_keeps_the_most_recently_used_entries(ckpt, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.json", "c.json"]
 
 
+def test_a_killed_drivers_half_written_entry_is_removed(ckpt, tmp_path):
+    stale, fresh = tmp_path / ".0123456789abcdef.x1.tmp", tmp_path / ".fedcba9876543210.x2.tmp"
+    for f in (stale, fresh):
+        f.write_text('{"version": 1, "ran')
+    os.utime(stale, (0, 0))  # a driver killed while writing it, long ago
+    PlanCache(tmp_path).put("k", orchestrator.plan(ckpt[0], tp=2, nodes=2))
+    assert sorted(os.listdir(tmp_path)) == [fresh.name, "k.json"]  # a fresh one may be another driver's, being written
+
+
 def test_a_folder_that_cannot_be_written_is_not_fatal(ckpt, tmp_path, caplog):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -37,6 +37,9 @@ given to ``fetch`` (the orchestrator hands it over through Ray's object store), 
 
 Offline (``offline=True``): nothing is requested; whatever is missing from the cache is named.
 
+A fetcher killed mid-fetch (its driver killed, the OOM killer) leaves nothing half-written: a watcher
+process (``workers.fetch_janitor``) removes its temporary download or unvouched part file at once.
+
 A plain class (no Ray): the orchestrator makes it an actor on each node; tests drive it directly.
 """
 
@@ -61,6 +64,7 @@ from planning.hub_index import describe_hub_error, hub_endpoint, hub_offline, tr
 from planning.plan import LoadPlan
 from planning.safetensors_header import header_digest, header_length, parse_header
 from planning.validate import validate_names
+from workers.fetch_janitor import Janitor, remove_stale_downloads
 from workers.fetch_list import DEFAULT_MAX_GAP_BYTES, DEFAULT_WHOLE_ABOVE, MODES, FetchItem, node_fetch_items
 from workers.report import node_location
 
@@ -306,6 +310,7 @@ class NodeFetcher:
         self._done = 0
         self._cancel = threading.Event()
         self._locations: dict[str, str] = {}
+        self._janitor = Janitor()  # removes what this process leaves half-written if it is killed mid-fetch
 
     # -- introspection -------------------------------------------------------------------------
     def where(self) -> dict:
@@ -350,6 +355,7 @@ class NodeFetcher:
                     except BaseException as exc:  # noqa: BLE001 - reported below, first one typed
                         errors[item.file] = exc
                         self._cancel.set()
+        self._janitor.close()
         if not errors and len(results) < len(self.fetch_items):
             missing = [i.file for i in self.fetch_items if i.file not in results]
             raise CheckpointError(f"fetch into {self.root} was cancelled before {len(missing)} file(s): {missing}")
@@ -456,35 +462,20 @@ class NodeFetcher:
         hub_cache.stamp(self.root, self.repo_id, path, checksum=expected, state=state)
         return None
 
+    def _blob_lock(self, sha256: str) -> str:
+        """huggingface_hub's lock file for a blob of this repo (held while it downloads the blob)."""
+        folder = hub_cache.repo_folder(self.root, self.repo_id)
+        return os.path.join(self.root, ".locks", os.path.basename(folder), f"{sha256}.lock")
+
     def _sweep_incomplete(self, item: FetchItem) -> None:
         """Remove temporary files huggingface_hub left for this blob when a download was killed (not resumable:
         their names are unique per attempt) — only if no process holds huggingface_hub's lock for it."""
-        from filelock import FileLock, Timeout
-
         if item.sha256 is None:
             return
-        folder = hub_cache.repo_folder(self.root, self.repo_id)
-        blobs = os.path.join(folder, "blobs")
-        try:
-            stale = [n for n in os.listdir(blobs) if n.startswith(item.sha256 + ".") and n.endswith(".incomplete")]
-        except FileNotFoundError:
-            return
-        if not stale:
-            return
-        lock = FileLock(os.path.join(self.root, ".locks", os.path.basename(folder), f"{item.sha256}.lock"), mode=0o664)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            return  # a download of this blob is in progress elsewhere: its files are not stale
-        try:
-            for n in stale:
-                try:
-                    os.unlink(os.path.join(blobs, n))
-                except FileNotFoundError:
-                    pass
-            log.warning("meshload: removed %d stale partial download(s) of %s from %s", len(stale), item.file, blobs)
-        finally:
-            lock.release()
+        blobs = os.path.join(hub_cache.repo_folder(self.root, self.repo_id), "blobs")
+        removed = remove_stale_downloads(blobs_dir=blobs, sha256=item.sha256, lock=self._blob_lock(item.sha256))
+        if removed:
+            log.warning("meshload: removed %d stale partial download(s) of %s from %s", len(removed), item.file, blobs)
 
     def _remove_cached(self, path: str) -> None:
         """Remove a snapshot entry and the blob behind it (under huggingface_hub's lock for that blob)."""
@@ -554,6 +545,9 @@ class NodeFetcher:
             )
         self._check_metadata(item)
         self._sweep_incomplete(item)
+        if item.sha256 is not None:
+            blobs = os.path.join(hub_cache.repo_folder(self.root, self.repo_id), "blobs")
+            self._janitor.watch_download(blobs_dir=blobs, sha256=item.sha256, lock=self._blob_lock(item.sha256))
         fetched, problem, last_exc = 0, "", None
         for attempt in range(self.options.max_attempts):
             self._check_cancel()
@@ -622,6 +616,10 @@ class NodeFetcher:
             )
         step = self.options.piece_bytes
         pieces = [(s, min(s + step, b)) for a, b in missing for s in range(a, b, step)]
+        self._janitor.watch_part(
+            data=data, manifest=manifest_path,
+            lock=hub_cache.lock_path(self.root, self.repo_id, commit=self.commit, filename=item.file, sha256=item.sha256),
+        )
         part = _RangeFile(hub_cache.repo_folder(self.root, self.repo_id), data, manifest_path, manifest)
         tally = _Tally(self._advance)
         try:

@@ -14,7 +14,8 @@ Lifecycle, each step a method the driver calls (with a timeout):
    recomputes non-persistent buffers, and returns the ``RankReport``.
 5. For inference: ``pick_port()`` (rank 0: serves the rendezvous store on its node address),
    ``init_inference(...)`` (every rank: process group, TP collectives, stage runner), then
-   ``forward_step(...)`` per step; the KV cache stays on the rank.
+   ``forward_step(...)`` per step; the KV cache stays on the rank. After a peer is lost: ``close()``
+   (leave the group), then ``init_inference(...)`` again.
 
 Everything here is testable without Ray: tests drive ``RankWorker`` directly, for every rank, in
 one process.
@@ -41,7 +42,7 @@ from workers.reader import URING_DEPTH, CheckpointFiles, Progress, io_defaults, 
 from workers.report import RankReport, io_counters, node_location, peak_rss_bytes, process_age_s
 from workers.stage_runner import StageRunner
 from workers.staging import StagingRing
-from workers.tp_runtime import apply_tensor_parallel
+from workers.tp_runtime import GroupSlot, apply_tensor_parallel
 
 
 def allocate_params(params: list[ParamPlan], device: torch.device) -> dict[str, torch.Tensor]:
@@ -315,18 +316,26 @@ class RankWorker:
         self, master_addr: str, master_port: int, *, backend: str, collective_timeout_s: float,
         socket_ifname: str | None = None,
     ) -> list[tuple[str, str]]:
-        """Join the process group, install TP collectives and the stage runner; returns what was installed."""
+        """Join the process group, install TP collectives and the stage runner; returns what was installed.
+
+        Called again after a peer was lost and restored (the old group left with ``close()``): the rank
+        joins the new group and its installed collectives switch to it; the KV cache is dropped."""
         if self.model is None:
             raise RuntimeError(f"rank {self.rank}: finalize() must run before init_inference()")
-        if self.plan.attn_implementation == "flash_attention_2":
-            self.model.set_attn_implementation("flash_attention_2")  # imports flash-attn, here only
         group = init_world(
             self.plan, self.rank, master_addr=master_addr, master_port=master_port, backend=backend,
             timeout_s=collective_timeout_s, socket_ifname=socket_ifname, store=self._store,
         )
-        installed = apply_tensor_parallel(self.model, self.plan, self.rank_plan, group)
+        self.cache = None
+        if self.runner is not None:
+            self._tp_group.group = group
+            return self._installed
+        if self.plan.attn_implementation == "flash_attention_2":
+            self.model.set_attn_implementation("flash_attention_2")  # imports flash-attn, here only
+        self._tp_group = GroupSlot(group)
+        self._installed = apply_tensor_parallel(self.model, self.plan, self.rank_plan, self._tp_group)
         self.runner = StageRunner(self.model, self.plan, self.rank_plan)
-        return installed
+        return self._installed
 
     def forward_step(
         self,
@@ -361,6 +370,7 @@ class RankWorker:
         return out.cpu()
 
     def close(self) -> None:
-        """Leave the process group (also done implicitly when the actor is killed)."""
+        """Leave the process group (also done implicitly when the actor is killed); ``init_inference`` can
+        then join a new one."""
         leave_world()
 

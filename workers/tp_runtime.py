@@ -60,7 +60,16 @@ def _gather_keep(weight: ParamPlan, tp_ranks: list[ParamPlan]) -> torch.Tensor:
     return torch.tensor(keep, dtype=torch.long)
 
 
-def _rowwise_forward(module: torch.nn.Module, group, *, split: list[tuple[int, int]] | None):
+class GroupSlot:
+    """The process group the installed collectives use. After a peer is lost and the process group is
+    formed again, the rank points this at the new group; the collectives installed on its modules
+    follow (they are installed once: installing them again would reduce twice)."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+
+
+def _rowwise_forward(module: torch.nn.Module, slot: GroupSlot, *, split: list[tuple[int, int]] | None):
     is_conv1d = type(module).__name__ == "Conv1D"
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -70,34 +79,34 @@ def _rowwise_forward(module: torch.nn.Module, group, *, split: list[tuple[int, i
             out = (x.reshape(-1, x.shape[-1]) @ module.weight).reshape(*x.shape[:-1], module.weight.shape[-1])
         else:
             out = F.linear(x, module.weight)
-        out = _sum(out, group)
+        out = _sum(out, slot.group)
         return out + module.bias if module.bias is not None else out
 
     return forward
 
 
-def _all_reduce_after(module: torch.nn.Module, group):
+def _all_reduce_after(module: torch.nn.Module, slot: GroupSlot):
     original = module.forward
 
     def forward(*args, **kwargs):
         out = original(*args, **kwargs)
         if isinstance(out, tuple):
-            return (_sum(out[0], group), *out[1:])
-        return _sum(out, group)
+            return (_sum(out[0], slot.group), *out[1:])
+        return _sum(out, slot.group)
 
     return forward
 
 
-def _gather_after(module: torch.nn.Module, group, keep: torch.Tensor):
+def _gather_after(module: torch.nn.Module, slot: GroupSlot, keep: torch.Tensor):
     original = module.forward
 
     def forward(*args, **kwargs):
-        return _gather_last(original(*args, **kwargs), group, keep)
+        return _gather_last(original(*args, **kwargs), slot.group, keep)
 
     return forward
 
 
-def _vocab_parallel(module: torch.nn.Module, group, weight: ParamPlan):
+def _vocab_parallel(module: torch.nn.Module, slot: GroupSlot, weight: ParamPlan):
     original = module.forward
     ranges = [(s, s + n) for s, n in weight.shard.pieces]
     # A local embedding table cannot keep the full-vocabulary padding_idx (F.embedding checks it);
@@ -115,7 +124,7 @@ def _vocab_parallel(module: torch.nn.Module, group, weight: ParamPlan):
             at += stop - start
         out = original(local, *args, **kwargs)
         out = out * mask.unsqueeze(-1).to(out.dtype)
-        return _sum(out, group)
+        return _sum(out, slot.group)
 
     return forward
 
@@ -171,9 +180,10 @@ def _fix_attention(model: torch.nn.Module, plan: LoadPlan, sharded: set[str]) ->
 
 
 def apply_tensor_parallel(
-    model: torch.nn.Module, plan: LoadPlan, rank_plan: RankPlan, group
+    model: torch.nn.Module, plan: LoadPlan, rank_plan: RankPlan, group: GroupSlot
 ) -> list[tuple[str, str]]:
-    """Install the collectives of every module-level plan entry this rank holds; returns (module, runtime)."""
+    """Install the collectives of every module-level plan entry this rank holds, on ``group.group``;
+    returns (module, runtime)."""
     if plan.tp == 1:
         return []
     matcher = PlanMatcher(plan.tp_plan)

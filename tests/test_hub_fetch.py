@@ -449,13 +449,15 @@ def hub_cluster(node_caches):
     shared = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
     if shared:
         ray.shutdown()
-    cluster = _start_cluster(2, 2, env_vars=[{"MESHLOAD_CACHE_DIR": c} for c in node_caches], first_ip=FIRST_IP)
-    try:
+    cluster = None
+    try:  # the shared cluster is reconnected whatever happens here, or every later test would fail too
+        cluster = _start_cluster(2, 2, env_vars=[{"MESHLOAD_CACHE_DIR": c} for c in node_caches], first_ip=FIRST_IP)
         ray.init(address=cluster.address)
         yield {f"127.0.0.{FIRST_IP + k}": c for k, c in enumerate(node_caches)}
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
         if shared:
             ray.init(address=shared)
 

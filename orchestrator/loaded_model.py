@@ -27,7 +27,7 @@ starts its ranks without paying for torch's import (the ranks import it themselv
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from orchestrator.materialize import materialize
@@ -113,12 +113,16 @@ class LoadedModel:
         self._inflight = {}
         return results[self._last_stage_rank0()]
 
-    def _attempt(self, fn: Callable[[], T], *, inference: bool = True) -> T:
+    def _attempt(self, fn: Callable[[], T], *, inference: bool = True, phase: str = "inference",
+                 user_code: bool = False) -> T:
         """``fn()`` on the ranks, with lost ranks restored and ``fn`` run again from its start (see module
         docstring). A failure that is not a death propagates, shutting an inference call's model down; a
-        restore that fails shuts the model down in any case."""
+        restore that fails shuts the model down in any case. ``user_code``: ``fn`` runs a user's function
+        (``run``), whose own errors are the user's: no rank died, so the ranks still blocked behind the
+        failed ones (in a collective with them) are restored and the model stays usable."""
         self._require_live()
         self._group.reset_budget()
+        keep = False
         try:
             while True:
                 try:
@@ -126,16 +130,21 @@ class LoadedModel:
                         self._ensure_inference()
                     return fn()
                 except Exception:
-                    phase = ("inference" if self._inference_ready else "process group") if inference else "state gather"
+                    failed_in = (phase if self._inference_ready else "process group") if inference else "state gather"
                     try:
-                        restored = self._restore(phase=phase)
+                        if user_code and self._inference_ready and not self._group.dead_ranks(self._group.ranks):
+                            self._restore(phase=failed_in)
+                            keep = True
+                            raise
+                        restored = self._restore(phase=failed_in)
                     except BaseException:
-                        self.shutdown()
+                        if not keep:
+                            self.shutdown()
                         raise
                     if not restored:
                         raise
         except BaseException:
-            if inference:
+            if inference and not keep:
                 self.shutdown()
             raise
 
@@ -224,6 +233,43 @@ class LoadedModel:
                     break
             step = nxt[:, None]
         return ids
+
+    # -- the user's code -----------------------------------------------------------------------
+    def run(self, fn: Callable[..., T], *args, ranks: Sequence[int] | None = None, **kwargs) -> list[T]:
+        """``fn(ctx, *args, **kwargs)`` on every rank (or on ``ranks``), all at once; their results in rank
+        order. ``ctx`` is the rank's ``workers.rank_context.RankContext``: its local transformers module
+        (TP collectives installed), its tensors by name, its TP/PP coordinates, device and process groups.
+
+        ``fn`` and its arguments travel to the ranks with cloudpickle (Ray's serialiser): a function of a
+        module the ranks cannot import is best defined inside a function, or registered with
+        ``ray.cloudpickle.register_pickle_by_value``. Its results must be picklable; tensors come back as
+        copies. Errors raised by ``fn`` come back grouped, each with its rank, node and ``[during run]``;
+        the model stays usable (ranks still blocked in a collective with a rank that raised are restored,
+        as after a death). A rank that dies while ``fn`` runs is restored and ``fn`` runs again from its
+        start on every chosen rank, as ``logits`` and ``generate`` do. A collective over a group some of
+        whose ranks are not chosen waits for them until the load's ``timeout_s``."""
+        if not callable(fn):
+            raise TypeError(f"run() needs a callable fn(ctx, ...), got {type(fn).__name__}")
+        chosen = self._chosen_ranks(ranks)
+
+        def call() -> list[T]:
+            refs = self._group.submit("run", fn, args, kwargs, ranks=chosen)
+            self._inflight = refs
+            results = self._group.wait(refs, what="run", timeout_s=self.timeout_s)
+            self._inflight = {}
+            return [results[r] for r in chosen]
+
+        return self._attempt(call, phase="run", user_code=True)
+
+    def _chosen_ranks(self, ranks: Sequence[int] | None) -> list[int]:
+        world = self.plan.world_size
+        if ranks is None:
+            return list(range(world))
+        bad = [r for r in ranks if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < world]
+        chosen = sorted(set(ranks))
+        if bad or not chosen:
+            raise ValueError(f"ranks={list(ranks)!r}: expected rank numbers in [0, {world}) (world size {world})")
+        return chosen
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property

@@ -48,6 +48,7 @@ PHASE_OF_METHOD = {
     "init_inference": "process group",
     "close": "process group",
     "forward_step": "inference",
+    "run": "run",
 }
 
 

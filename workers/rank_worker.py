@@ -16,6 +16,8 @@ Lifecycle, each step a method the driver calls (with a timeout):
    ``init_inference(...)`` (every rank: process group, TP collectives, stage runner), then
    ``forward_step(...)`` per step; the KV cache stays on the rank. After a peer is lost: ``close()``
    (leave the group), then ``init_inference(...)`` again.
+6. Once inference is set up: ``run(fn, args, kwargs)`` calls a user's ``fn(ctx, ...)`` with the rank's
+   ``RankContext`` (``workers.rank_context``).
 
 Everything here is testable without Ray: tests drive ``RankWorker`` directly, for every rank, in
 one process.
@@ -27,6 +29,7 @@ import math
 import os
 import threading
 import time
+from types import MappingProxyType
 
 import torch
 
@@ -38,6 +41,7 @@ from workers.file_guard import FileGuard
 from workers.fingerprint import fingerprint
 from workers.local_model import build_local_model, rebuild_meta_model
 from workers.node_files import NodeFiles
+from workers.rank_context import RankContext
 from workers.reader import URING_DEPTH, CheckpointFiles, Progress, io_defaults, read_items, zero_copy_view
 from workers.report import RankReport, io_counters, node_location, peak_rss_bytes, process_age_s
 from workers.stage_runner import StageRunner
@@ -368,6 +372,25 @@ class RankWorker:
         if last_only and self.runner.last:
             out = out[:, -1:]
         return out.cpu()
+
+    def context(self) -> RankContext:
+        """This rank as a user's function sees it (``workers.rank_context``); after ``init_inference``."""
+        if self.runner is None:
+            raise RuntimeError(f"rank {self.rank}: init_inference() has not run")
+        import torch.distributed as dist
+
+        rp, stage = self.rank_plan, self.plan.stages[self.rank_plan.stage]
+        own = {p.name: self.tensors[p.name] for p in rp.params if p.name in self.tensors}
+        return RankContext(
+            rank=self.rank, world_size=self.plan.world_size, tp=self.plan.tp, tp_rank=rp.tp_rank, pp=self.plan.pp,
+            stage=rp.stage, first_stage=stage.first, last_stage=stage.last, node=rp.node, device=self.device,
+            module=self.model, params=MappingProxyType(own), rank_plan=rp, tp_group=self._tp_group.group,
+            world_group=dist.group.WORLD if dist.is_initialized() else None,
+        )
+
+    def run(self, fn, args: tuple, kwargs: dict):
+        """``fn(ctx, *args, **kwargs)`` with this rank's ``RankContext``; its result (``LoadedModel.run``)."""
+        return fn(self.context(), *args, **kwargs)
 
     def close(self) -> None:
         """Leave the process group (also done implicitly when the actor is killed); ``init_inference`` can

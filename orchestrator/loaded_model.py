@@ -27,10 +27,12 @@ starts its ranks without paying for torch's import (the ranks import it themselv
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from orchestrator.materialize import materialize
+from orchestrator.weight_update import WeightsUpdate, reload_ranks
 from planning.plan import LoadPlan
 from workers.report import RankReport
 
@@ -47,6 +49,7 @@ class LoadedModel:
     def __init__(
         self, plan: LoadPlan, report: list[RankReport], group, connection, *, files, timeout_s: float = 600.0,
         timings: dict[str, float] | None = None, plan_cached: bool = False,
+        rank_files: Callable[[LoadPlan], object], resolve_options: dict | None = None,
     ) -> None:
         self.plan = plan
         self.report = report
@@ -54,6 +57,8 @@ class LoadedModel:
         self.plan_cached = plan_cached  # the plan was reused from the plan cache (no planning ran)
         self.timeout_s = timeout_s
         self._files = files  # where each rank reads (orchestrator.fetch_stage): a restored rank reads there again
+        self._rank_files = rank_files  # plan → where each rank reads it (update_weights' new checkpoint)
+        self._resolve_options = dict(resolve_options or {})  # cache_dir, token, allow_pickle: resolving a checkpoint
         self._group = group
         self._connection = connection
         self._inference_ready = False
@@ -75,7 +80,8 @@ class LoadedModel:
         """Every tensor reassembled on the driver; keys and values as transformers' own ``state_dict()``."""
         from workers.assemble import assemble_state_dict
 
-        locals_ = self._attempt(lambda: self._group.call("local_state"), inference=False)
+        locals_ = self._attempt(lambda: self._group.call("local_state"), process_group=False, phase="state gather",
+                                shutdown_on_failure=False)
         return assemble_state_dict(self.plan, dict(enumerate(locals_)))
 
     # -- inference -----------------------------------------------------------------------------
@@ -113,24 +119,26 @@ class LoadedModel:
         self._inflight = {}
         return results[self._last_stage_rank0()]
 
-    def _attempt(self, fn: Callable[[], T], *, inference: bool = True, phase: str = "inference",
-                 user_code: bool = False) -> T:
+    def _attempt(self, fn: Callable[[], T], *, phase: str = "inference", process_group: bool = True,
+                 shutdown_on_failure: bool = True, user_code: bool = False) -> T:
         """``fn()`` on the ranks, with lost ranks restored and ``fn`` run again from its start (see module
-        docstring). A failure that is not a death propagates, shutting an inference call's model down; a
-        restore that fails shuts the model down in any case. ``user_code``: ``fn`` runs a user's function
-        (``run``), whose own errors are the user's: no rank died, so the ranks still blocked behind the
-        failed ones (in a collective with them) are restored and the model stays usable."""
+        docstring); ``process_group``: ``fn`` needs the ranks' process group (formed first). A failure that
+        is not a death propagates, shutting the model down if ``shutdown_on_failure`` (its collectives,
+        or its weights, are in an unknown state); a restore that fails shuts the model down in any case.
+        ``user_code``: ``fn`` runs a user's function (``run``), whose own errors are the user's: no rank
+        died, so the ranks still blocked behind the failed ones (in a collective with them) are restored
+        and the model stays usable."""
         self._require_live()
         self._group.reset_budget()
-        keep = False
+        keep = not shutdown_on_failure
         try:
             while True:
                 try:
-                    if inference:
+                    if process_group:
                         self._ensure_inference()
                     return fn()
                 except Exception:
-                    failed_in = (phase if self._inference_ready else "process group") if inference else "state gather"
+                    failed_in = phase if self._inference_ready or not process_group else "process group"
                     try:
                         if user_code and self._inference_ready and not self._group.dead_ranks(self._group.ranks):
                             self._restore(phase=failed_in)
@@ -138,13 +146,13 @@ class LoadedModel:
                             raise
                         restored = self._restore(phase=failed_in)
                     except BaseException:
-                        if not keep:
+                        if not (user_code and keep):
                             self.shutdown()
                         raise
                     if not restored:
                         raise
         except BaseException:
-            if inference and not keep:
+            if not keep:
                 self.shutdown()
             raise
 
@@ -233,6 +241,45 @@ class LoadedModel:
                     break
             step = nxt[:, None]
         return ids
+
+    # -- new weights -----------------------------------------------------------------------------
+    def update_weights(self, checkpoint: str | os.PathLike, *, revision: str | None = None) -> WeightsUpdate:
+        """Read ``checkpoint`` — the same model with other values (a training or RL run's next step) — into
+        the ranks' existing storage; returns a ``WeightsUpdate`` (timings, bytes per rank).
+
+        ``checkpoint`` is what ``load`` takes (a folder, a ``.safetensors`` file, a Hub repo id with
+        ``revision``). The loaded plan is re-made against it (``planning.retarget``) and refused with a
+        ``PlanError`` naming the tensor and the values if a fresh load would plan anything else (another
+        config, a tensor missing or of another shape or dtype, a tensor the model would load that the
+        plan does not) — then nothing has changed. Hub checkpoints are fetched by each node first (its
+        ranges only). Each rank then reads only its own byte ranges straight into the tensors its module
+        computes with (no allocation: every parameter keeps its storage), tied tensors go to the other
+        stage again, tensors the checkpoint never held keep their initialised value, and the KV cache is
+        dropped. A rank that dies meanwhile is restored (it loads the new checkpoint) and the reload runs
+        again; any other failure while the ranks read (a truncated file) leaves some ranks with old values
+        and shuts the model down, naming the ranks, nodes and phase."""
+        import time
+
+        from planning.planner import resolve_model
+        from planning.retarget import retarget_plan
+
+        self._require_live()
+        t0 = time.perf_counter()
+        options = dict(self._resolve_options)
+        resolved = resolve_model(checkpoint, revision=revision, **options)
+        new_plan = retarget_plan(self.plan, resolved)
+        t_plan = time.perf_counter()
+        files = self._rank_files(new_plan)
+        files.fetch()
+        t_fetch = time.perf_counter()
+        self.plan, self._files = new_plan, files  # what restored ranks load from now on
+        bytes_read = self._attempt(lambda: reload_ranks(new_plan, self._group, files), phase="update weights",
+                                   process_group=False)
+        return WeightsUpdate(
+            source=new_plan.model.source, seconds=time.perf_counter() - t0, plan_seconds=t_plan - t0,
+            fetch_seconds=t_fetch - t_plan, bytes_read=tuple(bytes_read[r] for r in self._group.ranks),
+            bytes_fetched=tuple(files.bytes_fetched(r) for r in self._group.ranks),
+        )
 
     # -- the user's code -----------------------------------------------------------------------
     def run(self, fn: Callable[..., T], *args, ranks: Sequence[int] | None = None, **kwargs) -> list[T]:

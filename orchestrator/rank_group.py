@@ -49,6 +49,7 @@ PHASE_OF_METHOD = {
     "close": "process group",
     "forward_step": "inference",
     "run": "run",
+    "reload": "update weights",
 }
 
 
@@ -220,6 +221,17 @@ class RankGroup:
         results, errors = self.call_each("attach", self._plan_ref)
         if errors:
             self.settle(errors, phase="attach")
+
+    def replan(self, plan: LoadPlan) -> None:
+        """The plan ranks restarted from now on are given (``update_weights``: the new checkpoint's)."""
+        import ray
+
+        self._plan_ref = ray.put(plan)
+
+    @property
+    def plan_ref(self):
+        """The attached plan in the object store (None before ``attach``)."""
+        return self._plan_ref
 
     def _record_bundles(self) -> None:
         """Where each rank's bundle is, as soon as the placement group is: errors name the node even for a

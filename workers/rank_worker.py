@@ -34,7 +34,7 @@ from types import MappingProxyType
 import torch
 
 from planning.errors import CheckpointError
-from planning.plan import LoadPlan, ParamPlan
+from planning.plan import LoadPlan, ParamPlan, ReadItem
 from planning.skeleton import parse_dtype
 from workers.distributed import init_world, leave_world, listen_store
 from workers.file_guard import FileGuard
@@ -187,15 +187,11 @@ class RankWorker:
             raise RuntimeError(f"rank {self.rank}: no plan attached; call attach(plan) first")
         self._t0 = time.perf_counter()
         self._bytes_fetched = bytes_fetched
-        self._device_ready.join()
-        staging = self._staging
-        if isinstance(staging, BaseException):
-            raise staging
-        if staging is not None and (self.device.type != "cuda" or staging.nbytes != self.staging_bytes):
-            staging = None
+        staging = self._staging_ring()
         disk_before = io_counters().get("read_bytes", 0)
         readable = [p for p in self.rank_plan.params if p.reads]
-        with CheckpointFiles(paths, open_file=NodeFiles(self.plan).open, guard=self._guard) as files:
+
+        def place(files: CheckpointFiles) -> list[tuple[ReadItem, torch.Tensor]]:
             if self.device.type == "cpu" and self.zero_copy:
                 for p in readable:
                     view = zero_copy_view(files, p)
@@ -205,16 +201,9 @@ class RankWorker:
                         self.progress.add(p.nbytes)
             to_read = [p for p in readable if p.name not in self._mapped]
             self.tensors.update(allocate_params(to_read, self.device))
-            jobs = [(item, self.tensors[p.name]) for p in to_read for item in p.reads]
-            read_items(files, jobs, progress=self.progress, threads=self.io_threads, staging_bytes=self.staging_bytes,
-                       staging=staging)
-            self._bytes_read = files.bytes_read
-        changed = self._guard.changes()
-        if changed:
-            raise CheckpointError(
-                f"rank {self.rank}: {sorted(changed)} truncated or opened for writing while this rank read them; "
-                f"what was read may mix two versions of the file"
-            )
+            return [(item, self.tensors[p.name]) for p in to_read for item in p.reads]
+
+        self._bytes_read = self._read(paths, place, staging=staging)
         self.weights_ready_at = time.time()
         self._disk_read = io_counters().get("read_bytes", 0) - disk_before
         self._read_s = time.perf_counter() - self._t0
@@ -224,6 +213,60 @@ class RankWorker:
                 self.tensors[p.name] = self.tensors[p.alias_of]
                 if p.alias_of in self._mapped:
                     self._mapped.add(p.name)
+        return self._bytes_read
+
+    def _staging_ring(self) -> StagingRing | None:
+        """The page-locked ring readied with the device, if it suits this rank's reads (GPU, its chunk size)."""
+        self._device_ready.join()
+        staging = self._staging
+        if isinstance(staging, BaseException):
+            raise staging
+        if staging is not None and (self.device.type != "cuda" or staging.nbytes != self.staging_bytes):
+            return None
+        return staging
+
+    def _read(self, paths: dict[str, str], jobs_for, *, staging=None) -> int:
+        """Open the plan's files (each checked by ``NodeFiles``, leased by the guard), read the jobs that
+        ``jobs_for(files)`` returns, and refuse a file changed meanwhile; returns the bytes read."""
+        with CheckpointFiles(paths, open_file=NodeFiles(self.plan).open, guard=self._guard) as files:
+            read_items(files, jobs_for(files), progress=self.progress, threads=self.io_threads,
+                       staging_bytes=self.staging_bytes, staging=staging)
+            bytes_read = files.bytes_read
+        changed = self._guard.changes()
+        if changed:
+            raise CheckpointError(
+                f"rank {self.rank}: {sorted(changed)} truncated or opened for writing while this rank read them; "
+                f"what was read may mix two versions of the file"
+            )
+        return bytes_read
+
+    def reload(self, plan: LoadPlan | str, paths: dict[str, str], bytes_fetched: int = 0) -> int:
+        """New values for the loaded tensors, read into their existing storage (``LoadedModel.update_weights``).
+
+        ``plan`` is the loaded plan re-made against another checkpoint (``planning.retarget``): the same
+        parameters, other reads. Every planned range is read straight into the tensor that holds it now —
+        no allocation, the module's parameters keep their storage (on CPU a tensor that was a map of the
+        old file keeps its address: its pages become private copies as they are written). Tensors
+        received from another stage come with ``receive_tied`` afterwards; initialised ones keep their
+        value. The KV cache is dropped. Returns the bytes read."""
+        plan = LoadPlan.from_json(plan) if isinstance(plan, str) else plan
+        if self.model is None:
+            raise RuntimeError(f"rank {self.rank}: finalize() must run before reload()")
+        rank_plan = plan.ranks[self.rank]
+        layout = [(p.name, p.shape, p.dtype, p.shard, p.alias_of, p.receive_from, p.computed) for p in rank_plan.params]
+        if layout != [(p.name, p.shape, p.dtype, p.shard, p.alias_of, p.receive_from, p.computed) for p in self.rank_plan.params]:
+            raise ValueError(f"rank {self.rank}: reload() needs a plan with this rank's parameters, cut the same way")
+        self.plan, self.rank_plan = plan, rank_plan
+        self.progress = Progress(total=rank_plan.read_bytes)
+        self.cache = None
+        t0 = time.perf_counter()
+        self._bytes_read = self._read(paths, lambda files: [(item, self.tensors[p.name]) for p in rank_plan.params for item in p.reads],
+                                      staging=self._staging_ring())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._bytes_fetched = bytes_fetched
+        self._read_s = time.perf_counter() - t0
+        self.weights_ready_at = time.time()
         return self._bytes_read
 
     def tied_for(self, to_rank: int) -> dict[str, torch.Tensor]:
@@ -242,6 +285,9 @@ class RankWorker:
             p = expected.get(name)
             if p is None or tuple(tensor.shape) != p.shape:
                 raise ValueError(f"rank {self.rank}: unexpected tied tensor {name!r} of shape {tuple(tensor.shape)}")
+            if self.model is not None:  # new weights (reload): into the storage the module computes with
+                self.tensors[name].copy_(tensor)
+                continue
             # Object-store tensors may be read-only shared memory: copy into our own storage.
             self.tensors[name] = tensor.to(self.device, dtype=parse_dtype(p.dtype), copy=True)
 

@@ -12,7 +12,7 @@ connected to it:
 - ``load-cached-plan``: the same with the plan found in the plan cache (warmed by one untimed load).
 
 Each update is checked against a fresh load: a digest of every tensor on every rank
-(``workers.fingerprint``) must be equal. Prints a table and writes ``update-weights-<size>.json``.
+(``workers.fingerprint``) must be equal. Prints a table and writes ``update-weights-<size>.json`` / ``.txt``.
 
 Runs on the driver: ``python -m benchmarks.update_weights [--size 250m] [--tp 2] [--nodes 2]``.
 """
@@ -20,7 +20,6 @@ Runs on the driver: ``python -m benchmarks.update_weights [--size 250m] [--tp 2]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -34,7 +33,7 @@ def _digests(ctx) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from orchestrator.bench import SIZES, _start_cluster, warm, write_checkpoint
+    from orchestrator.bench import SIZES, _start_cluster, save_results, warm, write_checkpoint
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="250m")
@@ -90,10 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                      + " ".join(f"{x:.2f}" for x in v))
     lines.append(f"update_weights vs load: {summary['load'] / summary['update_weights']:.1f}x faster; "
                  f"vs load-cached-plan: {summary['load-cached-plan'] / summary['update_weights']:.1f}x")
-    text = "\n".join(lines)
-    with open(os.path.join(args.out, f"update-weights-{args.size}.json"), "w") as f:
-        json.dump({"args": vars(args), "runs": results, "median": summary, "bytes_read": bytes_read}, f, indent=2)
-    print(text)
+    save_results(args.out, f"update-weights-{args.size}", {"args": vars(args), "runs": results, "median": summary,
+                                                           "bytes_read": bytes_read}, "\n".join(lines))
     return 0
 
 

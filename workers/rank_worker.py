@@ -29,6 +29,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Iterator
 from types import MappingProxyType
 
 import torch
@@ -38,6 +39,7 @@ from planning.plan import LoadPlan, ParamPlan, ReadItem
 from planning.skeleton import parse_dtype
 from workers.distributed import init_world, leave_world, listen_store
 from workers.file_guard import FileGuard
+from workers.decoding import Decoder, Decoding
 from workers.fingerprint import fingerprint
 from workers.local_model import build_local_model, rebuild_meta_model
 from workers.node_files import NodeFiles
@@ -108,6 +110,7 @@ class RankWorker:
         self._read_s = 0.0
         self.runner: StageRunner | None = None
         self.cache = None
+        self._stop_decoding = threading.Event()  # decode() ends after its current step (an abandoned stream)
         self._store = None  # rank 0: the rendezvous store it serves (pick_port)
         self._guard = FileGuard()  # read leases on the files this rank maps (workers.file_guard)
         self.weights_ready_at = 0.0  # wall clock (epoch s) when the last read landed in the rank's storage
@@ -396,8 +399,12 @@ class RankWorker:
         reset_cache: bool = True,
         last_only: bool = False,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        every_rank: bool = False,
     ) -> torch.Tensor | None:
-        """One forward of this rank's stage. Returns the stage output on TP rank 0 (CPU), None elsewhere."""
+        """One forward of this rank's stage. Returns the stage output on TP rank 0 (CPU), None elsewhere;
+        ``every_rank``: on every rank, on the rank's device. ``position_ids`` are passed on if the model's
+        forward takes them."""
         if self.runner is None:
             raise RuntimeError(f"rank {self.rank}: init_inference() has not run")
         from transformers import DynamicCache
@@ -410,14 +417,57 @@ class RankWorker:
                 kwargs.update({self.runner.cache_keyword: self.cache, "use_cache": True})
             if attention_mask is not None:
                 kwargs["attention_mask"] = attention_mask.to(self.device)
+            if position_ids is not None and self.runner.takes_position_ids:
+                kwargs["position_ids"] = position_ids.to(self.device)
             out = self.runner.forward(
                 input_ids.to(self.device), None if hidden is None else hidden.to(self.device), **kwargs
             )
-        if self.rank_plan.tp_rank != 0:
+        if self.rank_plan.tp_rank != 0 and not every_rank:
             return None
         if last_only and self.runner.last:
             out = out[:, -1:]
-        return out.cpu()
+        return out if every_rank else out.cpu()
+
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, decoding: Decoding) -> Iterator[torch.Tensor]:
+        """A whole generation on this rank (a model of one stage, ``pp == 1``): yields each step's tokens.
+
+        Every TP rank runs the same steps (``forward_step``: its collectives need the others) and gets the
+        same full-vocabulary logits, and so the same tokens; TP rank 0's are broadcast anyway, so that the
+        ranks agree whatever happens, together with whether ``stop_decoding()`` was called (all stop at
+        the same step). No round trip to the driver: it only reads the tokens rank 0 yields."""
+        if self.plan.pp != 1 or self.runner is None:
+            raise RuntimeError(f"rank {self.rank}: decode() runs a one-stage model after init_inference()")
+        self._stop_decoding.clear()
+        decoder = Decoder(input_ids, attention_mask, decoding, takes_position_ids=self.runner.takes_position_ids)
+        while not decoder.done:
+            ids, kwargs = decoder.inputs()
+            logits = self.forward_step(ids, use_cache=True, reset_cache=decoder.steps == 0, last_only=True, every_rank=True, **kwargs)
+            tokens, stop = self._agree(decoder.choose(logits[:, -1]))
+            yield decoder.advance(tokens)
+            if stop:
+                return
+
+    def decode_quietly(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, decoding: Decoding) -> int:
+        """``decode`` on a rank whose tokens nobody reads (TP ranks other than 0); the number of steps."""
+        return sum(1 for _ in self.decode(input_ids, attention_mask, decoding))
+
+    def stop_decoding(self) -> None:
+        """Ask a running ``decode`` to end after its current step (rank 0 tells the others with its tokens)."""
+        self._stop_decoding.set()
+
+    def _agree(self, tokens: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """TP rank 0's tokens and stop request, on every rank of the stage."""
+        group = self._tp_group.group
+        if group is None:
+            return tokens, self._stop_decoding.is_set()
+        import torch.distributed as dist
+
+        message = torch.cat([tokens, torch.tensor([int(self._stop_decoding.is_set())])])
+        if dist.get_backend(group) == "nccl":
+            message = message.to(self.device)
+        dist.broadcast(message, group_src=0, group=group)
+        message = message.cpu()
+        return message[:-1], bool(message[-1])
 
     def context(self) -> RankContext:
         """This rank as a user's function sees it (``workers.rank_context``); after ``init_inference``."""

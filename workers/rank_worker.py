@@ -16,8 +16,11 @@ Lifecycle, each step a method the driver calls (with a timeout):
    ``init_inference(...)`` (every rank: process group, TP collectives, stage runner), then
    ``forward_step(...)`` per step; the KV cache stays on the rank. After a peer is lost: ``close()``
    (leave the group), then ``init_inference(...)`` again.
-6. Once inference is set up: ``run(fn, args, kwargs)`` calls a user's ``fn(ctx, ...)`` with the rank's
-   ``RankContext`` (``workers.rank_context``).
+6. Once inference is set up: ``decode(...)`` runs a whole generation on the rank (a model of one
+   stage; ``stop_decoding()`` ends it early); ``run(fn, args, kwargs)`` calls a user's ``fn(ctx, ...)``
+   with the rank's ``RankContext`` (``workers.rank_context``).
+7. Once finalized: ``reload(plan, paths)`` reads another checkpoint of the same model into the rank's
+   existing tensors (``LoadedModel.update_weights``).
 
 Everything here is testable without Ray: tests drive ``RankWorker`` directly, for every rank, in
 one process.
@@ -37,9 +40,9 @@ import torch
 from planning.errors import CheckpointError
 from planning.plan import LoadPlan, ParamPlan, ReadItem
 from planning.skeleton import parse_dtype
+from workers.decoding import Decoder, Decoding
 from workers.distributed import init_world, leave_world, listen_store
 from workers.file_guard import FileGuard
-from workers.decoding import Decoder, Decoding
 from workers.fingerprint import fingerprint
 from workers.local_model import build_local_model, rebuild_meta_model
 from workers.node_files import NodeFiles

@@ -176,15 +176,18 @@ def load(
             group.attach(load_plan)  # e.g. flash-attn checked on every node, before a single weight byte is fetched
             phases.mark("attach plan")
         load_plan = planning.result()
-        files = _rank_files(load_plan, group, dict(mode=fetch, max_gap_bytes=fetch_gap_bytes, **plan_options),
-                            progress=progress, fetcher_cls=fetcher_cls)
+        fetch_options = dict(mode=fetch, max_gap_bytes=fetch_gap_bytes, **plan_options)
+        files = _rank_files(load_plan, group, fetch_options, progress=progress, fetcher_cls=fetcher_cls)
         files.fetch()
         group.revive(group.dead_ranks(group.ranks), phase="fetch")  # ranks that died while their node fetched
         phases.mark("fetch")
         reports = materialize(load_plan, group, files, progress=progress)
         phases.mark("materialize")
         return LoadedModel(load_plan, [reports[r] for r in group.ranks], group, connection, files=files, timeout_s=timeout_s,
-                           timings=phases.seconds, plan_cached=planning.cached)
+                           timings=phases.seconds, plan_cached=planning.cached,
+                           rank_files=lambda new_plan: _rank_files(new_plan, group, fetch_options, progress=False,
+                                                                   fetcher_cls=fetcher_cls),
+                           resolve_options={k: plan_options[k] for k in ("cache_dir", "token", "allow_pickle") if k in plan_options})
     except BaseException as exc:
         try:
             if group is not None:

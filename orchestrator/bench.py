@@ -261,13 +261,17 @@ def run_bench(args) -> int:
 
             ray.shutdown()
             cluster.shutdown()
-    text = report_text(results)
-    with open(os.path.join(args.out, f"bench-{args.size}.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(args.out, f"bench-{args.size}.txt"), "w") as f:
+    save_results(args.out, f"bench-{args.size}", results, report_text(results))
+    return 0
+
+
+def save_results(folder: str, stem: str, data: dict, text: str) -> None:
+    """``<stem>.json`` and ``<stem>.txt`` in ``folder``; the text printed."""
+    with open(os.path.join(folder, f"{stem}.json"), "w") as f:
+        json.dump(data, f, indent=2)
+    with open(os.path.join(folder, f"{stem}.txt"), "w") as f:
         f.write(text + "\n")
     print(text)
-    return 0
 
 
 def _mem_gib() -> int:

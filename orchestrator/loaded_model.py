@@ -4,8 +4,11 @@ It holds the plan that was executed, one ``RankReport`` per rank, and the live r
 runs where the weights live: ``logits`` and ``generate`` send the token ids to the first stage's
 ranks; each stage's TP group runs transformers' own modules with collectives (torch.distributed,
 gloo on CPU, NCCL on CUDA, set up on first use); activations go from stage to stage as Ray object
-refs, actor to actor; only full-vocab logits come back to the driver. Greedy generation keeps the KV
-cache on the ranks and sends one token per step.
+refs, actor to actor; only full-vocab logits come back to the driver. ``generate`` / ``stream``
+(greedy or sampled, ``workers.decoding``) keep the KV cache on the ranks; a model of one stage decodes
+on the ranks by themselves (rank 0 streams the tokens to the driver, no round trip per token), pipeline
+stages step by step from the driver. ``run`` calls a user's function on the ranks; ``update_weights``
+reads another checkpoint of the same model into their storage (``orchestrator.weight_update``).
 
 A rank whose process dies between or during inference calls (or while the process group is formed)
 is restored: the calls still running on the other ranks are let finish (a collective with a dead peer
@@ -14,9 +17,10 @@ restarted in its bundle (re-placed if its node is gone) and reads its own bytes 
 (``orchestrator.materialize``: only the lost ranks read), every rank leaves the old process group and
 a new one is formed, and the call runs again from its start — a ``generate`` replays its steps from
 the prompt, so the KV caches are rebuilt by the same computation and the tokens are those a run
-without the fault gives. Each call restores a rank at most ``max_restarts`` times; past that, or on
-any failure that is not a death, the model shuts itself down (its collectives are in an unknown
-state) and the error names the ranks, their nodes and the phase. Leaving its ``with`` block —
+without the fault gives (a stream skips the tokens it has already handed out). Each call restores a
+rank at most ``max_restarts`` times; past that, or on any failure that is not a death, the model shuts
+itself down (its collectives are in an unknown state) and the error names the ranks, their nodes and
+the phase (a user's function raising in ``run`` is the exception: see ``run``). Leaving its ``with`` block —
 normally or by an exception — or calling ``shutdown()`` kills every actor, removes the placement
 group and, if the load started an embedded Ray cluster, stops it.
 
@@ -26,11 +30,14 @@ starts its ranks without paying for torch's import (the ranks import it themselv
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from orchestrator.materialize import materialize
+from orchestrator.weight_update import WeightsUpdate, reload_ranks
 from planning.plan import LoadPlan
 from workers.report import RankReport
 
@@ -47,6 +54,7 @@ class LoadedModel:
     def __init__(
         self, plan: LoadPlan, report: list[RankReport], group, connection, *, files, timeout_s: float = 600.0,
         timings: dict[str, float] | None = None, plan_cached: bool = False,
+        rank_files: Callable[[LoadPlan], object], resolve_options: dict | None = None,
     ) -> None:
         self.plan = plan
         self.report = report
@@ -54,10 +62,13 @@ class LoadedModel:
         self.plan_cached = plan_cached  # the plan was reused from the plan cache (no planning ran)
         self.timeout_s = timeout_s
         self._files = files  # where each rank reads (orchestrator.fetch_stage): a restored rank reads there again
+        self._rank_files = rank_files  # plan → where each rank reads it (update_weights' new checkpoint)
+        self._resolve_options = dict(resolve_options or {})  # cache_dir, token, allow_pickle: resolving a checkpoint
         self._group = group
         self._connection = connection
         self._inference_ready = False
         self._inflight: dict[int, object] = {}  # rank → ref of the call the ranks are running now
+        self._busy = False  # a call (or an open stream) is using the ranks: one at a time
 
     @property
     def fetch_report(self) -> list:
@@ -75,7 +86,8 @@ class LoadedModel:
         """Every tensor reassembled on the driver; keys and values as transformers' own ``state_dict()``."""
         from workers.assemble import assemble_state_dict
 
-        locals_ = self._attempt(lambda: self._group.call("local_state"), inference=False)
+        locals_ = self._attempt(lambda: self._group.call("local_state"), process_group=False, phase="state gather",
+                                shutdown_on_failure=False)
         return assemble_state_dict(self.plan, dict(enumerate(locals_)))
 
     # -- inference -----------------------------------------------------------------------------
@@ -113,31 +125,64 @@ class LoadedModel:
         self._inflight = {}
         return results[self._last_stage_rank0()]
 
-    def _attempt(self, fn: Callable[[], T], *, inference: bool = True) -> T:
-        """``fn()`` on the ranks, with lost ranks restored and ``fn`` run again from its start (see module
-        docstring). A failure that is not a death propagates, shutting an inference call's model down; a
-        restore that fails shuts the model down in any case."""
+    def _attempt(self, fn: Callable[[], T], **options) -> T:
+        """``fn()`` on the ranks, with lost ranks restored and ``fn`` run again from its start (``_replayed``)."""
+        def once() -> Iterator[T]:
+            yield fn()
+
+        (result,) = self._replayed(once, **options)
+        return result
+
+    def _replayed(self, produce: Callable[[], Iterator[T]], *, phase: str = "inference", process_group: bool = True,
+                  shutdown_on_failure: bool = True, user_code: bool = False) -> Iterator[T]:
+        """The items of ``produce()`` (work on the ranks), with lost ranks restored and ``produce()`` run
+        again from its start, the items already handed out skipped (see module docstring: the work is
+        deterministic, so a replay yields them again). ``process_group``: the work needs the ranks' process
+        group (formed first). A failure that is not a death propagates, shutting the model down if
+        ``shutdown_on_failure`` (its collectives, or its weights, are in an unknown state); a restore that
+        fails shuts the model down in any case. ``user_code``: the work runs a user's function (``run``),
+        whose own errors are the user's: no rank died, so the ranks still blocked behind the failed ones
+        (in a collective with them) are restored and the model stays usable."""
         self._require_live()
+        if self._busy:
+            raise RuntimeError("a stream of this model is still open: read it to its end or close() it before another call")
+        self._busy = True
         self._group.reset_budget()
+        keep = not shutdown_on_failure
+        delivered = 0
         try:
             while True:
                 try:
-                    if inference:
+                    if process_group:
                         self._ensure_inference()
-                    return fn()
+                    with contextlib.closing(produce()) as items:  # a stream left early stops its work
+                        for i, item in enumerate(items):
+                            if i >= delivered:
+                                delivered += 1
+                                yield item
+                    return
                 except Exception:
-                    phase = ("inference" if self._inference_ready else "process group") if inference else "state gather"
+                    failed_in = phase if self._inference_ready or not process_group else "process group"
                     try:
-                        restored = self._restore(phase=phase)
+                        if user_code and self._inference_ready and not self._group.dead_ranks(self._group.ranks):
+                            self._restore(phase=failed_in)
+                            keep = True
+                            raise
+                        restored = self._restore(phase=failed_in)
                     except BaseException:
-                        self.shutdown()
+                        if not (user_code and keep):
+                            self.shutdown()
                         raise
                     if not restored:
                         raise
+        except GeneratorExit:  # the caller stopped reading: not a failure
+            raise
         except BaseException:
-            if inference:
+            if not keep:
                 self.shutdown()
             raise
+        finally:
+            self._busy = False
 
     def _restore(self, *, phase: str) -> bool:
         """After a failed call: restore the ranks that died (or are stuck behind a dead one); False if none did."""
@@ -167,8 +212,7 @@ class LoadedModel:
     def _last_stage_rank0(self) -> int:
         return next(r.rank for r in self.plan.ranks if r.stage == self.plan.pp - 1)
 
-    @staticmethod
-    def _check_ids(input_ids) -> torch.Tensor:
+    def _check_ids(self, input_ids) -> torch.Tensor:
         import torch
 
         ids = torch.as_tensor(input_ids)
@@ -176,6 +220,9 @@ class LoadedModel:
             ids = ids.unsqueeze(0)
         if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"input_ids must be a 2-D tensor of integer token ids, got shape {tuple(ids.shape)} {ids.dtype}")
+        vocab = self.plan.model.config.get("vocab_size")
+        if vocab is not None and ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"input_ids must lie in [0, {vocab}); got values in [{int(ids.min())}, {int(ids.max())}]")
         return ids.long()
 
     def logits(self, input_ids, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,45 +232,193 @@ class LoadedModel:
         models without a head: the last hidden state.
         """
         ids = self._check_ids(input_ids)
-        vocab = self.plan.model.config.get("vocab_size")
-        if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
-            raise ValueError(f"input_ids must lie in [0, {vocab}); got values in [{int(ids.min())}, {int(ids.max())}]")
         return self._attempt(lambda: self._forward(ids, attention_mask=attention_mask))
 
-    def generate(self, input_ids, *, max_new_tokens: int = 8, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None) -> torch.Tensor:
-        """Greedy decoding (as transformers' ``generate(do_sample=False)``), KV cache kept on the ranks.
+    def generate(
+        self, input_ids, *, attention_mask=None, max_new_tokens: int = 8, eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+        top_p: float | None = None, seed: int | None = None,
+    ) -> torch.Tensor:
+        """Decode as transformers' ``generate`` does, the KV cache kept on the ranks; returns the prompts
+        followed by the generated tokens (batch × (prompt + new)).
 
-        Returns the prompt followed by the generated tokens. Sequences that produce an end-of-sequence
-        token are padded from then on; generation stops early when every sequence has ended.
-        """
-        ids = self._check_ids(input_ids)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-        config = self.plan.model.config
-        eos = config.get("eos_token_id") if eos_token_id is None else eos_token_id
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        pad = config.get("pad_token_id") if pad_token_id is None else pad_token_id
-        pad = pad if pad is not None else (eos[0] if eos else 0)
-        # After a restore the whole generation runs again from the prompt: the caches are rebuilt step by step.
-        return self._attempt(lambda: self._greedy(ids, max_new_tokens=max_new_tokens, eos=eos, pad=pad))
-
-    def _greedy(self, ids: torch.Tensor, *, max_new_tokens: int, eos: list[int], pad: int) -> torch.Tensor:
+        Greedy by default (``do_sample=False``); ``do_sample=True`` samples with ``temperature``, ``top_k``,
+        ``top_p`` (transformers' own warpers, in its order) from a generator seeded with ``seed`` — the same
+        seed gives the same tokens, run after run (``None``: a fresh seed per call). A batch of prompts of
+        different lengths is left-padded, with ``attention_mask`` (1: token, 0: padding). Sequences that
+        produce a stop token (``eos_token_id``: an id or a list; default the config's) are padded with
+        ``pad_token_id`` from then on; decoding ends when every sequence has stopped or after
+        ``max_new_tokens``. See ``stream`` for the tokens as they are produced, and docs/USING.md."""
         import torch
 
-        finished = torch.zeros(ids.shape[0], dtype=torch.bool)
-        step = ids
-        for i in range(max_new_tokens):
-            logits = self._forward(step, use_cache=True, reset_cache=(i == 0), last_only=True)
-            nxt = logits[:, -1].float().argmax(dim=-1)
-            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            if eos:
-                finished |= torch.isin(nxt, torch.tensor(eos))
-                if bool(finished.all()):
+        ids, mask, decoding = self._decoding_of(input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                                eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample,
+                                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        steps = list(self._tokens(ids, mask, decoding))
+        return torch.cat([ids, torch.stack(steps, dim=1)], dim=1)
+
+    def stream(
+        self, input_ids, *, attention_mask=None, max_new_tokens: int = 8, eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+        top_p: float | None = None, seed: int | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """``generate``'s tokens as they are produced: one tensor of shape (batch,) per step. Arguments are
+        checked at once; the decoding starts when the iterator is first read. Leaving the loop early (or
+        closing the iterator) stops the ranks after their current step."""
+        ids, mask, decoding = self._decoding_of(input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                                eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample,
+                                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        return self._tokens(ids, mask, decoding)
+
+    def _decoding_of(self, input_ids, attention_mask, *, eos_token_id, pad_token_id, seed, **options):
+        """The checked prompt, mask and ``Decoding`` of a ``generate``/``stream`` call."""
+        import secrets
+
+        import torch
+
+        from workers.decoding import Decoding
+
+        ids = self._check_ids(input_ids)
+        mask = None
+        if attention_mask is not None:
+            mask = torch.as_tensor(attention_mask)
+            if tuple(mask.shape) != tuple(ids.shape) or not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"attention_mask must be 0/1 of the prompts' shape {tuple(ids.shape)}, got shape "
+                                 f"{tuple(mask.shape)}")
+            mask = mask.long()
+            bad = [b for b in range(mask.shape[0]) if not bool((mask[b, 1:] >= mask[b, :-1]).all()) or not bool(mask[b].any())]
+            if bad:
+                raise ValueError(f"attention_mask rows {bad}: prompts must be left-padded (zeros, then ones; at least one token)")
+        config = self.plan.model.config
+        eos = config.get("eos_token_id") if eos_token_id is None else eos_token_id
+        eos = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
+        pad = config.get("pad_token_id") if pad_token_id is None else pad_token_id
+        pad = pad if pad is not None else (eos[0] if eos else 0)
+        decoding = Decoding(eos=eos, pad=pad, seed=secrets.randbits(63) if seed is None else seed,
+                            vocab_size=config.get("vocab_size"), **options)
+        return ids, mask, decoding
+
+    def _tokens(self, ids, mask, decoding) -> Iterator[torch.Tensor]:
+        """The tokens of each step; after a restore the generation runs again from the prompt (the KV caches
+        are rebuilt step by step, the same seed draws the same tokens) and the steps already handed out are
+        skipped."""
+        if self.plan.pp == 1:
+            return self._replayed(lambda: self._decode_on_ranks(ids, mask, decoding))
+        return self._replayed(lambda: self._decode_through_driver(ids, mask, decoding))
+
+    def _decode_on_ranks(self, ids, mask, decoding) -> Iterator[torch.Tensor]:
+        """One stage: the ranks run the whole generation by themselves (``RankWorker.decode``); rank 0 streams
+        its tokens to the driver, the other ranks' calls are watched for failures."""
+        group = self._group
+        others = group.submit("decode_quietly", ids, mask, decoding, ranks=group.ranks[1:])
+        tokens = group.stream("decode", 0, ids, mask, decoding)
+        self._inflight = {0: tokens.completed(), **others}
+        try:
+            while True:
+                try:
+                    yield group.next_streamed(tokens, rank=0, watch=others, what="decode", timeout_s=self.timeout_s)
+                except StopIteration:
                     break
-            step = nxt[:, None]
-        return ids
+        except GeneratorExit:  # left early by the caller: rank 0 tells the others to stop after this step
+            try:
+                group.call("stop_decoding", ranks=[0])
+                group.wait(self._inflight, what="decode", timeout_s=self.timeout_s)
+            except Exception as exc:  # noqa: BLE001 - the next call restores what is broken
+                log.warning("meshload: the ranks did not stop decoding cleanly (%s); the next call restores them", exc)
+            self._inflight = {}
+            raise
+        group.wait(self._inflight, what="decode", timeout_s=self.timeout_s)
+        self._inflight = {}
+
+    def _decode_through_driver(self, ids, mask, decoding) -> Iterator[torch.Tensor]:
+        """Pipeline stages: each step goes stage to stage (activations as Ray object refs) and the driver
+        chooses the token from the last stage's logits."""
+        from workers.decoding import Decoder
+
+        decoder = Decoder(ids, mask, decoding)  # position ids are dropped by ranks whose model takes none
+        while not decoder.done:
+            step_ids, kwargs = decoder.inputs()
+            logits = self._forward(step_ids, use_cache=True, reset_cache=decoder.steps == 0, last_only=True, **kwargs)
+            yield decoder.advance(decoder.choose(logits[:, -1]))
+
+    # -- new weights -----------------------------------------------------------------------------
+    def update_weights(self, checkpoint: str | os.PathLike, *, revision: str | None = None) -> WeightsUpdate:
+        """Read ``checkpoint`` — the same model with other values (a training or RL run's next step) — into
+        the ranks' existing storage; returns a ``WeightsUpdate`` (timings, bytes per rank).
+
+        ``checkpoint`` is what ``load`` takes (a folder, a ``.safetensors`` file, a Hub repo id with
+        ``revision``). The loaded plan is re-made against it (``planning.retarget``) and refused with a
+        ``PlanError`` naming the tensor and the values if a fresh load would plan anything else (another
+        config, a tensor missing or of another shape or dtype, a tensor the model would load that the
+        plan does not) — then nothing has changed. Hub checkpoints are fetched by each node first (its
+        ranges only). Each rank then reads only its own byte ranges straight into the tensors its module
+        computes with (no allocation: every parameter keeps its storage), tied tensors go to the other
+        stage again, tensors the checkpoint never held keep their initialised value, and the KV cache is
+        dropped. A rank that dies meanwhile is restored (it loads the new checkpoint) and the reload runs
+        again; any other failure while the ranks read (a truncated file) leaves some ranks with old values
+        and shuts the model down, naming the ranks, nodes and phase."""
+        import time
+
+        from planning.planner import resolve_model
+        from planning.retarget import retarget_plan
+
+        self._require_live()
+        t0 = time.perf_counter()
+        options = dict(self._resolve_options)
+        resolved = resolve_model(checkpoint, revision=revision, **options)
+        new_plan = retarget_plan(self.plan, resolved)
+        t_plan = time.perf_counter()
+        files = self._rank_files(new_plan)
+        files.fetch()
+        t_fetch = time.perf_counter()
+
+        def reload() -> dict[int, int]:
+            self.plan, self._files = new_plan, files  # what restored ranks load from now on
+            return reload_ranks(new_plan, self._group, files)
+
+        bytes_read = self._attempt(reload, phase="update weights", process_group=False)
+        return WeightsUpdate(
+            source=new_plan.model.source, seconds=time.perf_counter() - t0, plan_seconds=t_plan - t0,
+            fetch_seconds=t_fetch - t_plan, bytes_read=tuple(bytes_read[r] for r in self._group.ranks),
+            bytes_fetched=tuple(files.bytes_fetched(r) for r in self._group.ranks),
+        )
+
+    # -- the user's code -----------------------------------------------------------------------
+    def run(self, fn: Callable[..., T], *args, ranks: Sequence[int] | None = None, **kwargs) -> list[T]:
+        """``fn(ctx, *args, **kwargs)`` on every rank (or on ``ranks``), all at once; their results in rank
+        order. ``ctx`` is the rank's ``workers.rank_context.RankContext``: its local transformers module
+        (TP collectives installed), its tensors by name, its TP/PP coordinates, device and process groups.
+
+        ``fn`` and its arguments travel to the ranks with cloudpickle (Ray's serialiser): a function of a
+        module the ranks cannot import is best defined inside a function, or registered with
+        ``ray.cloudpickle.register_pickle_by_value``. Its results must be picklable; tensors come back as
+        copies. Errors raised by ``fn`` come back grouped, each with its rank, node and ``[during run]``;
+        the model stays usable (ranks still blocked in a collective with a rank that raised are restored,
+        as after a death). A rank that dies while ``fn`` runs is restored and ``fn`` runs again from its
+        start on every chosen rank, as ``logits`` and ``generate`` do. A collective over a group some of
+        whose ranks are not chosen waits for them until the load's ``timeout_s``."""
+        if not callable(fn):
+            raise TypeError(f"run() needs a callable fn(ctx, ...), got {type(fn).__name__}")
+        chosen = self._chosen_ranks(ranks)
+
+        def call() -> list[T]:
+            refs = self._group.submit("run", fn, args, kwargs, ranks=chosen)
+            self._inflight = refs
+            results = self._group.wait(refs, what="run", timeout_s=self.timeout_s)
+            self._inflight = {}
+            return [results[r] for r in chosen]
+
+        return self._attempt(call, phase="run", user_code=True)
+
+    def _chosen_ranks(self, ranks: Sequence[int] | None) -> list[int]:
+        world = self.plan.world_size
+        if ranks is None:
+            return list(range(world))
+        bad = [r for r in ranks if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < world]
+        chosen = sorted(set(ranks))
+        if bad or not chosen:
+            raise ValueError(f"ranks={list(ranks)!r}: expected rank numbers in [0, {world}) (world size {world})")
+        return chosen
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property

@@ -44,6 +44,23 @@ def _throttled(fn, every_s: float):
     return call
 
 
+def tie_senders(plan: LoadPlan) -> dict[int, list[int]]:
+    """Receiving rank → the ranks of other stages that hand it tied tensors."""
+    senders_of: dict[int, list[int]] = {}
+    for r in plan.ranks:
+        for s in r.sends:
+            senders_of.setdefault(s.to_rank, []).append(r.rank)
+    return senders_of
+
+
+def hand_over_ties(group: RankGroup, senders_of: dict[int, list[int]], receivers: list[int]):
+    """Each receiver takes its tied tensors from their senders (``tied_for`` → ``receive_tied``); returns
+    ``call_each``'s (results, errors)."""
+    refs = {to: tuple(group.submit("tied_for", to, ranks=sorted(set(senders_of[to]))).values()) for to in receivers}
+    # Object refs as top-level arguments: Ray moves each tensor node to node, not via the driver.
+    return group.call_each("receive_tied", per_rank_args=[refs[to] for to in receivers], ranks=receivers)
+
+
 def materialize(plan: LoadPlan, group: RankGroup, files, *, progress: bool, ranks: list[int] | None = None) -> dict[int, RankReport]:
     """Run load / ties / finalize on ``ranks`` (default all) with bounded restarts; returns rank → report.
 
@@ -53,10 +70,7 @@ def materialize(plan: LoadPlan, group: RankGroup, files, *, progress: bool, rank
 
     state = {r: "new" for r in (group.ranks if ranks is None else ranks)}
     reports: dict[int, RankReport] = {}
-    senders_of: dict[int, list[int]] = {}
-    for r in plan.ranks:
-        for s in r.sends:
-            senders_of.setdefault(s.to_rank, []).append(r.rank)
+    senders_of = tie_senders(plan)
     bar = NodeProgress(plan, enabled=progress)
     done_bytes: dict[int, tuple[int, int]] = {}
 
@@ -106,13 +120,7 @@ def materialize(plan: LoadPlan, group: RankGroup, files, *, progress: bool, rank
                     continue
             receivers = [r for r in state if state[r] == "loaded" and r in senders_of]
             if receivers:
-                refs = {}
-                for to in receivers:
-                    refs[to] = tuple(group.submit("tied_for", to, ranks=sorted(set(senders_of[to]))).values())
-                # Object refs as top-level arguments: Ray moves each tensor node to node, not via the driver.
-                results, errors = group.call_each(
-                    "receive_tied", per_rank_args=[refs[to] for to in receivers], ranks=receivers
-                )
+                results, errors = hand_over_ties(group, senders_of, receivers)
                 for r in results:
                     state[r] = "tied"
                 if errors:  # a failed receive may be its sender's death: ask the senders too

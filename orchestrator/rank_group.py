@@ -48,6 +48,11 @@ PHASE_OF_METHOD = {
     "init_inference": "process group",
     "close": "process group",
     "forward_step": "inference",
+    "run": "run",
+    "decode": "inference",
+    "decode_quietly": "inference",
+    "stop_decoding": "inference",
+    "reload": "update weights",
 }
 
 
@@ -220,6 +225,17 @@ class RankGroup:
         if errors:
             self.settle(errors, phase="attach")
 
+    def replan(self, plan: LoadPlan) -> None:
+        """The plan ranks restarted from now on are given (``update_weights``: the new checkpoint's)."""
+        import ray
+
+        self._plan_ref = ray.put(plan)
+
+    @property
+    def plan_ref(self):
+        """The attached plan in the object store (None before ``attach``)."""
+        return self._plan_ref
+
     def _record_bundles(self) -> None:
         """Where each rank's bundle is, as soon as the placement group is: errors name the node even for a
         rank that never answered."""
@@ -365,6 +381,42 @@ class RankGroup:
             call_args = per_rank_args[i] if per_rank_args is not None else args
             refs[rank] = self.actors[rank].call.remote(method, *call_args, **kwargs)
         return refs
+
+    def stream(self, method: str, rank: int, *args, **kwargs):
+        """Start generator method ``method`` on ``rank`` as a Ray streaming call; read it with ``next_streamed``."""
+        return self.actors[rank].call_stream.options(num_returns="streaming").remote(method, *args, **kwargs)
+
+    def next_streamed(self, stream, *, rank: int, watch: dict[int, object], what: str, timeout_s: float | None = None):
+        """The next item ``rank``'s streaming call yields (``StopIteration`` once it has ended), waiting at most
+        ``timeout_s``. Calls in ``watch`` (rank → ref) that fail meanwhile fail this wait at once; their
+        errors and the stream's are raised grouped, as ``wait`` raises them."""
+        import ray
+
+        limit = timeout_s or self.timeout_s
+        deadline = time.monotonic() + limit
+        phase = PHASE_OF_METHOD.get(what, what)
+        while True:
+            ready, _ = ray.wait([stream], timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+            if ready:
+                try:
+                    return ray.get(next(stream))
+                except StopIteration:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - grouped below
+                    raise group_errors({rank: exc}, self.where, phase=phase) from None
+            finished, _ = ray.wait(list(watch.values()), num_returns=len(watch), timeout=0) if watch else ([], [])
+            errors = {}
+            for r, ref in watch.items():
+                if ref in finished:
+                    try:
+                        ray.get(ref)
+                    except Exception as exc:  # noqa: BLE001 - grouped below
+                        errors[r] = exc
+            if errors:
+                raise group_errors(errors, self.where, phase=phase)
+            if time.monotonic() >= deadline:
+                nodes = self.where.get(rank, "not yet placed")
+                raise RankTimeout(f"{what}: rank {rank} (node {nodes}) yielded nothing within {limit:g}s [during {phase}]")
 
     def call(
         self,

@@ -88,7 +88,8 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-RANK_PHASES = ("start", "import", "attach", "tie send", "tie receive", "finalize", "process group", "inference")
+RANK_PHASES = ("start", "import", "attach", "tie send", "tie receive", "finalize", "process group", "inference",
+               "update weights")
 
 
 def killed_in(phase: str, marker_dir: str, *, victim: int, times: int = 1, step: int = 0) -> type:
@@ -102,7 +103,8 @@ def killed_in(phase: str, marker_dir: str, *, victim: int, times: int = 1, step:
     - ``process group``: when asked to join the inference process group (before joining: its peers
       wait for it);
     - ``inference``: in its ``step``-th ``forward_step`` (counted from 0 in each process), while its TP
-      peers run the same step and wait for it in their collectives.
+      peers run the same step and wait for it in their collectives;
+    - ``update weights``: when asked to read a new checkpoint into its tensors (``reload``).
     """
     if phase not in RANK_PHASES:
         raise ValueError(f"phase {phase!r}: expected one of {RANK_PHASES}")
@@ -149,6 +151,11 @@ def killed_in(phase: str, marker_dir: str, *, victim: int, times: int = 1, step:
             if phase == "process group":
                 maybe_die(self.rank)
             return super().init_inference(*args, **kwargs)
+
+        def reload(self, *args, **kwargs):
+            if phase == "update weights":
+                maybe_die(self.rank)
+            return super().reload(*args, **kwargs)
 
         def forward_step(self, *args, **kwargs):
             if phase == "inference" and self._steps == step:

@@ -85,3 +85,20 @@ def test_rank_that_keeps_dying_during_inference_is_a_clear_error(ray_cluster, ck
     assert len(os.listdir(tmp_path)) == 2
     assert not m.alive
     assert wait_until_clean() == ([], [])
+
+
+def test_a_rank_killed_mid_stream_is_restored_and_the_stream_goes_on(ray_cluster, ckpt, tmp_path):
+    """TP rank 1 dies in its fourth forward step of a sampled generation decoded on the ranks: the ranks are
+    restored, the generation replays from the prompt with the same seed, and the stream goes on where it
+    was — the tokens are transformers' under that seed."""
+    from tests.test_decoding import MASK, PADDED, SAMPLING, transformers_generate
+
+    path, _, _ = ckpt
+    want = transformers_generate(checkpoints.reference(path), PADDED, seed=5, attention_mask=MASK, max_new_tokens=6, **SAMPLING)
+    worker = fault_workers.killed_in("inference", str(tmp_path), victim=1, step=3)
+    with orchestrator.load(path, tp=2, nodes=2, worker_cls=worker, progress=False) as m:
+        steps = list(m.stream(PADDED, attention_mask=MASK, max_new_tokens=6, seed=5, **SAMPLING))
+        assert os.listdir(tmp_path) == ["inference-rank1-0"]
+        assert [r.restarts for r in m.report] == [0, 1]
+        assert torch.equal(torch.cat([PADDED, torch.stack(steps, dim=1)], dim=1), want)
+    assert wait_until_clean() == ([], [])

@@ -29,6 +29,10 @@ class RankHost:
     def call(self, method: str, *args, **kwargs):
         return getattr(self.worker, method)(*args, **kwargs)
 
+    def call_stream(self, method: str, *args, **kwargs):
+        """The items a generator method of the worker yields, one by one (a Ray streaming call)."""
+        yield from getattr(self.worker, method)(*args, **kwargs)
+
 
 @cache
 def host_class(worker_cls: type | None) -> type:

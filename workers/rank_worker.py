@@ -16,6 +16,11 @@ Lifecycle, each step a method the driver calls (with a timeout):
    ``init_inference(...)`` (every rank: process group, TP collectives, stage runner), then
    ``forward_step(...)`` per step; the KV cache stays on the rank. After a peer is lost: ``close()``
    (leave the group), then ``init_inference(...)`` again.
+6. Once inference is set up: ``decode(...)`` runs a whole generation on the rank (a model of one
+   stage; ``stop_decoding()`` ends it early); ``run(fn, args, kwargs)`` calls a user's ``fn(ctx, ...)``
+   with the rank's ``RankContext`` (``workers.rank_context``).
+7. Once finalized: ``reload(plan, paths)`` reads another checkpoint of the same model into the rank's
+   existing tensors (``LoadedModel.update_weights``).
 
 Everything here is testable without Ray: tests drive ``RankWorker`` directly, for every rank, in
 one process.
@@ -27,17 +32,21 @@ import math
 import os
 import threading
 import time
+from collections.abc import Iterator
+from types import MappingProxyType
 
 import torch
 
 from planning.errors import CheckpointError
-from planning.plan import LoadPlan, ParamPlan
+from planning.plan import LoadPlan, ParamPlan, ReadItem
 from planning.skeleton import parse_dtype
+from workers.decoding import Decoder, Decoding
 from workers.distributed import init_world, leave_world, listen_store
 from workers.file_guard import FileGuard
 from workers.fingerprint import fingerprint
 from workers.local_model import build_local_model, rebuild_meta_model
 from workers.node_files import NodeFiles
+from workers.rank_context import RankContext
 from workers.reader import URING_DEPTH, CheckpointFiles, Progress, io_defaults, read_items, zero_copy_view
 from workers.report import RankReport, io_counters, node_location, peak_rss_bytes, process_age_s
 from workers.stage_runner import StageRunner
@@ -104,6 +113,7 @@ class RankWorker:
         self._read_s = 0.0
         self.runner: StageRunner | None = None
         self.cache = None
+        self._stop_decoding = threading.Event()  # decode() ends after its current step (an abandoned stream)
         self._store = None  # rank 0: the rendezvous store it serves (pick_port)
         self._guard = FileGuard()  # read leases on the files this rank maps (workers.file_guard)
         self.weights_ready_at = 0.0  # wall clock (epoch s) when the last read landed in the rank's storage
@@ -183,15 +193,11 @@ class RankWorker:
             raise RuntimeError(f"rank {self.rank}: no plan attached; call attach(plan) first")
         self._t0 = time.perf_counter()
         self._bytes_fetched = bytes_fetched
-        self._device_ready.join()
-        staging = self._staging
-        if isinstance(staging, BaseException):
-            raise staging
-        if staging is not None and (self.device.type != "cuda" or staging.nbytes != self.staging_bytes):
-            staging = None
+        staging = self._staging_ring()
         disk_before = io_counters().get("read_bytes", 0)
         readable = [p for p in self.rank_plan.params if p.reads]
-        with CheckpointFiles(paths, open_file=NodeFiles(self.plan).open, guard=self._guard) as files:
+
+        def place(files: CheckpointFiles) -> list[tuple[ReadItem, torch.Tensor]]:
             if self.device.type == "cpu" and self.zero_copy:
                 for p in readable:
                     view = zero_copy_view(files, p)
@@ -201,16 +207,9 @@ class RankWorker:
                         self.progress.add(p.nbytes)
             to_read = [p for p in readable if p.name not in self._mapped]
             self.tensors.update(allocate_params(to_read, self.device))
-            jobs = [(item, self.tensors[p.name]) for p in to_read for item in p.reads]
-            read_items(files, jobs, progress=self.progress, threads=self.io_threads, staging_bytes=self.staging_bytes,
-                       staging=staging)
-            self._bytes_read = files.bytes_read
-        changed = self._guard.changes()
-        if changed:
-            raise CheckpointError(
-                f"rank {self.rank}: {sorted(changed)} truncated or opened for writing while this rank read them; "
-                f"what was read may mix two versions of the file"
-            )
+            return [(item, self.tensors[p.name]) for p in to_read for item in p.reads]
+
+        self._bytes_read = self._read(paths, place, staging=staging)
         self.weights_ready_at = time.time()
         self._disk_read = io_counters().get("read_bytes", 0) - disk_before
         self._read_s = time.perf_counter() - self._t0
@@ -220,6 +219,60 @@ class RankWorker:
                 self.tensors[p.name] = self.tensors[p.alias_of]
                 if p.alias_of in self._mapped:
                     self._mapped.add(p.name)
+        return self._bytes_read
+
+    def _staging_ring(self) -> StagingRing | None:
+        """The page-locked ring readied with the device, if it suits this rank's reads (GPU, its chunk size)."""
+        self._device_ready.join()
+        staging = self._staging
+        if isinstance(staging, BaseException):
+            raise staging
+        if staging is not None and (self.device.type != "cuda" or staging.nbytes != self.staging_bytes):
+            return None
+        return staging
+
+    def _read(self, paths: dict[str, str], jobs_for, *, staging=None) -> int:
+        """Open the plan's files (each checked by ``NodeFiles``, leased by the guard), read the jobs that
+        ``jobs_for(files)`` returns, and refuse a file changed meanwhile; returns the bytes read."""
+        with CheckpointFiles(paths, open_file=NodeFiles(self.plan).open, guard=self._guard) as files:
+            read_items(files, jobs_for(files), progress=self.progress, threads=self.io_threads,
+                       staging_bytes=self.staging_bytes, staging=staging)
+            bytes_read = files.bytes_read
+        changed = self._guard.changes()
+        if changed:
+            raise CheckpointError(
+                f"rank {self.rank}: {sorted(changed)} truncated or opened for writing while this rank read them; "
+                f"what was read may mix two versions of the file"
+            )
+        return bytes_read
+
+    def reload(self, plan: LoadPlan | str, paths: dict[str, str], bytes_fetched: int = 0) -> int:
+        """New values for the loaded tensors, read into their existing storage (``LoadedModel.update_weights``).
+
+        ``plan`` is the loaded plan re-made against another checkpoint (``planning.retarget``): the same
+        parameters, other reads. Every planned range is read straight into the tensor that holds it now —
+        no allocation, the module's parameters keep their storage (on CPU a tensor that was a map of the
+        old file keeps its address: its pages become private copies as they are written). Tensors
+        received from another stage come with ``receive_tied`` afterwards; initialised ones keep their
+        value. The KV cache is dropped. Returns the bytes read."""
+        plan = LoadPlan.from_json(plan) if isinstance(plan, str) else plan
+        if self.model is None:
+            raise RuntimeError(f"rank {self.rank}: finalize() must run before reload()")
+        rank_plan = plan.ranks[self.rank]
+        layout = [(p.name, p.shape, p.dtype, p.shard, p.alias_of, p.receive_from, p.computed) for p in rank_plan.params]
+        if layout != [(p.name, p.shape, p.dtype, p.shard, p.alias_of, p.receive_from, p.computed) for p in self.rank_plan.params]:
+            raise ValueError(f"rank {self.rank}: reload() needs a plan with this rank's parameters, cut the same way")
+        self.plan, self.rank_plan = plan, rank_plan
+        self.progress = Progress(total=rank_plan.read_bytes)
+        self.cache = None
+        t0 = time.perf_counter()
+        self._bytes_read = self._read(paths, lambda files: [(item, self.tensors[p.name]) for p in rank_plan.params for item in p.reads],
+                                      staging=self._staging_ring())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._bytes_fetched = bytes_fetched
+        self._read_s = time.perf_counter() - t0
+        self.weights_ready_at = time.time()
         return self._bytes_read
 
     def tied_for(self, to_rank: int) -> dict[str, torch.Tensor]:
@@ -238,6 +291,9 @@ class RankWorker:
             p = expected.get(name)
             if p is None or tuple(tensor.shape) != p.shape:
                 raise ValueError(f"rank {self.rank}: unexpected tied tensor {name!r} of shape {tuple(tensor.shape)}")
+            if self.model is not None:  # new weights (reload): into the storage the module computes with
+                self.tensors[name].copy_(tensor)
+                continue
             # Object-store tensors may be read-only shared memory: copy into our own storage.
             self.tensors[name] = tensor.to(self.device, dtype=parse_dtype(p.dtype), copy=True)
 
@@ -346,8 +402,12 @@ class RankWorker:
         reset_cache: bool = True,
         last_only: bool = False,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        every_rank: bool = False,
     ) -> torch.Tensor | None:
-        """One forward of this rank's stage. Returns the stage output on TP rank 0 (CPU), None elsewhere."""
+        """One forward of this rank's stage. Returns the stage output on TP rank 0 (CPU), None elsewhere;
+        ``every_rank``: on every rank, on the rank's device. ``position_ids`` are passed on if the model's
+        forward takes them."""
         if self.runner is None:
             raise RuntimeError(f"rank {self.rank}: init_inference() has not run")
         from transformers import DynamicCache
@@ -360,14 +420,76 @@ class RankWorker:
                 kwargs.update({self.runner.cache_keyword: self.cache, "use_cache": True})
             if attention_mask is not None:
                 kwargs["attention_mask"] = attention_mask.to(self.device)
+            if position_ids is not None and self.runner.takes_position_ids:
+                kwargs["position_ids"] = position_ids.to(self.device)
             out = self.runner.forward(
                 input_ids.to(self.device), None if hidden is None else hidden.to(self.device), **kwargs
             )
-        if self.rank_plan.tp_rank != 0:
+        if self.rank_plan.tp_rank != 0 and not every_rank:
             return None
         if last_only and self.runner.last:
             out = out[:, -1:]
-        return out.cpu()
+        return out if every_rank else out.cpu()
+
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, decoding: Decoding) -> Iterator[torch.Tensor]:
+        """A whole generation on this rank (a model of one stage, ``pp == 1``): yields each step's tokens.
+
+        Every TP rank runs the same steps (``forward_step``: its collectives need the others) and gets the
+        same full-vocabulary logits, and so the same tokens; TP rank 0's are broadcast anyway, so that the
+        ranks agree whatever happens, together with whether ``stop_decoding()`` was called (all stop at
+        the same step). No round trip to the driver: it only reads the tokens rank 0 yields."""
+        if self.plan.pp != 1 or self.runner is None:
+            raise RuntimeError(f"rank {self.rank}: decode() runs a one-stage model after init_inference()")
+        self._stop_decoding.clear()
+        decoder = Decoder(input_ids, attention_mask, decoding, takes_position_ids=self.runner.takes_position_ids)
+        while not decoder.done:
+            ids, kwargs = decoder.inputs()
+            logits = self.forward_step(ids, use_cache=True, reset_cache=decoder.steps == 0, last_only=True, every_rank=True, **kwargs)
+            tokens, stop = self._agree(decoder.choose(logits[:, -1]))
+            yield decoder.advance(tokens)
+            if stop:
+                return
+
+    def decode_quietly(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, decoding: Decoding) -> int:
+        """``decode`` on a rank whose tokens nobody reads (TP ranks other than 0); the number of steps."""
+        return sum(1 for _ in self.decode(input_ids, attention_mask, decoding))
+
+    def stop_decoding(self) -> None:
+        """Ask a running ``decode`` to end after its current step (rank 0 tells the others with its tokens)."""
+        self._stop_decoding.set()
+
+    def _agree(self, tokens: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """TP rank 0's tokens and stop request, on every rank of the stage."""
+        group = self._tp_group.group
+        if group is None:
+            return tokens, self._stop_decoding.is_set()
+        import torch.distributed as dist
+
+        message = torch.cat([tokens, torch.tensor([int(self._stop_decoding.is_set())])])
+        if dist.get_backend(group) == "nccl":
+            message = message.to(self.device)
+        dist.broadcast(message, group_src=0, group=group)
+        message = message.cpu()
+        return message[:-1], bool(message[-1])
+
+    def context(self) -> RankContext:
+        """This rank as a user's function sees it (``workers.rank_context``); after ``init_inference``."""
+        if self.runner is None:
+            raise RuntimeError(f"rank {self.rank}: init_inference() has not run")
+        import torch.distributed as dist
+
+        rp, stage = self.rank_plan, self.plan.stages[self.rank_plan.stage]
+        own = {p.name: self.tensors[p.name] for p in rp.params if p.name in self.tensors}
+        return RankContext(
+            rank=self.rank, world_size=self.plan.world_size, tp=self.plan.tp, tp_rank=rp.tp_rank, pp=self.plan.pp,
+            stage=rp.stage, first_stage=stage.first, last_stage=stage.last, node=rp.node, device=self.device,
+            module=self.model, params=MappingProxyType(own), rank_plan=rp, tp_group=self._tp_group.group,
+            world_group=dist.group.WORLD if dist.is_initialized() else None,
+        )
+
+    def run(self, fn, args: tuple, kwargs: dict):
+        """``fn(ctx, *args, **kwargs)`` with this rank's ``RankContext``; its result (``LoadedModel.run``)."""
+        return fn(self.context(), *args, **kwargs)
 
     def close(self) -> None:
         """Leave the process group (also done implicitly when the actor is killed); ``init_inference`` can

@@ -106,6 +106,7 @@ class StageRunner:
         layers_path = plan.layers_path
         self.model = model
         self.cache_keyword = cache_argument(model)  # what forward takes the KV cache by
+        self.takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
         stage = plan.stages[rank_plan.stage]
         self.first, self.last = stage.first, stage.last
         self._incoming: torch.Tensor | None = None

@@ -167,6 +167,19 @@ class LoadedModel:
     def _last_stage_rank0(self) -> int:
         return next(r.rank for r in self.plan.ranks if r.stage == self.plan.pp - 1)
 
+    def _check_runnable(self) -> None:
+        """FP8 layers run transformers' CUDA kernels; on CPU they run only dequantized (as transformers runs them)."""
+        q = self.plan.quantization
+        if q is not None and not q.dequantize and self.plan.device != "cuda":
+            from planning.errors import PlanError
+
+            raise PlanError(
+                f"{self.plan.model.source}: its {q.method} layers hold quantized weights, whose matmuls need CUDA "
+                f"(transformers' kernels); on device={self.plan.device!r} load it with "
+                f"quantization=FineGrainedFP8Config(dequantize=True) to run it (the weights are read as published, "
+                f"then dequantized on each rank)"
+            )
+
     @staticmethod
     def _check_ids(input_ids) -> torch.Tensor:
         import torch
@@ -184,6 +197,7 @@ class LoadedModel:
         For causal LMs: full-vocabulary logits (gathered across TP ranks, padding dropped). For base
         models without a head: the last hidden state.
         """
+        self._check_runnable()
         ids = self._check_ids(input_ids)
         vocab = self.plan.model.config.get("vocab_size")
         if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
@@ -197,6 +211,7 @@ class LoadedModel:
         Returns the prompt followed by the generated tokens. Sequences that produce an end-of-sequence
         token are padded from then on; generation stops early when every sequence has ended.
         """
+        self._check_runnable()
         ids = self._check_ids(input_ids)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")

@@ -19,6 +19,7 @@ from planning.confinement import confined_path
 from planning.conversions import build_source_map
 from planning.errors import CheckpointError, ConfigError, PlanError
 from planning.pipeline import assign_stages
+from planning.quantization import quantization_of
 from planning.plan import LoadPlan, ModelRef, PlanInputs, build_plan, node_blocks, rank_budgets
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
 from planning.skeleton import (
@@ -163,20 +164,27 @@ def make_plan(
     token: str | bool | None = None,
     allow_pickle: bool = False,
     resolved: ResolvedModel | None = None,
+    quantization=None,
 ) -> LoadPlan:
-    """Plan a load (see module docstring). ``resolved`` reuses an already indexed checkpoint."""
+    """Plan a load (see module docstring). ``resolved`` reuses an already indexed checkpoint.
+
+    ``quantization``: a transformers quantization config of the checkpoint's own method whose loading
+    attributes override the checkpoint's (``FineGrainedFP8Config(dequantize=True)``), as ``from_pretrained``
+    merges them (``planning.quantization``)."""
     check_topology(tp, pp, nodes)
     check_options(device=device, attn_implementation=attn_implementation)
     resolved = resolved or resolve_model(model, revision=revision, cache_dir=cache_dir, token=token, allow_pickle=allow_pickle)
     source = f"{resolved.ref_source}/config.json"
     config = config_from_dict(resolved.config_dict, source=source)
     torch_dtype = resolve_dtype(dtype, config, resolved.index)
+    quant = quantization_of(resolved.config_dict, override=quantization, source=source)
     meta = build_meta_model(
         config,
         model_class=model_class or choose_model_class(config, resolved.index.tensors, source=source),
         dtype=torch_dtype,
         attn_implementation=attn_implementation,
         source=source,
+        quantization=quant,
     )
     attn_implementation = attn_implementation or attention_of(meta)
     skeleton = describe(meta, dtype=torch_dtype)
@@ -223,5 +231,6 @@ def make_plan(
             device=device,
             attn_implementation=attn_implementation,
             budgets=budgets,
+            quantization=quant,
         )
     )

@@ -137,3 +137,42 @@ def rewrite(src: str, dst: str, fn) -> str:
     new = fn(state)
     save_file({k: v.contiguous() for k, v in new.items()}, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
     return dst
+
+
+# Dimensions that are whole 128-blocks (transformers' FP8 dequantization needs that); 2 query heads, 1 KV head.
+FP8_LLAMA = dict(vocab_size=101, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=128, max_position_embeddings=128, initializer_range=0.2,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+
+def fp8_llama(path: str, *, seed: int = 0, shard: str | None = "200KB", **overrides) -> str:
+    """A DeepSeek-V3/Qwen3-style FP8 checkpoint: a seeded bf16 Llama whose linear layers transformers' own
+    quantizer (``Fp8Quantize``, ``FineGrainedFP8Config``'s 128×128 blocks) turns into ``float8_e4m3fn``
+    weights plus a float32 ``weight_scale_inv`` per block; what is not quantized (embeddings, norms, the LM
+    head) stays bf16. Written with huggingface_hub's ``save_torch_state_dict`` (sharded, with an index)."""
+    import transformers as tf
+    from huggingface_hub import save_torch_state_dict
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import FP8Linear, Fp8Quantize
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    config = tf.LlamaConfig(**{**FP8_LLAMA, **overrides})
+    torch.manual_seed(seed)
+    model = tf.LlamaForCausalLM(config).to(torch.bfloat16)
+    quantization = FineGrainedFP8Config()
+    quantizer = AutoHfQuantizer.from_config(quantization, pre_quantized=True)
+    with torch.device("meta"):
+        layout = tf.LlamaForCausalLM(config)
+    quantizer.preprocess_model(layout)  # which modules transformers quantizes (not the LM head)
+    quantized = {f"{n}.weight" for n, m in layout.named_modules() if isinstance(m, FP8Linear)}
+    op = Fp8Quantize(quantizer)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        state.update(op.convert({name: tensor}) if name in quantized else {name: tensor})
+    os.makedirs(path, exist_ok=True)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, path, **kwargs)
+    config.quantization_config = quantization
+    config.dtype = torch.bfloat16
+    config.save_pretrained(path)
+    return path

@@ -64,8 +64,8 @@ def _json_safe(value: Any) -> Any:
 
 def quantization_of(config_dict: dict, *, override: Any = None, source: str = "config.json") -> Quantization | None:
     """The checkpoint's quantization (``config.json``'s ``quantization_config``), with ``override`` — a
-    transformers quantization config of the same class, e.g. ``FineGrainedFP8Config(dequantize=True)`` —
-    merged in by transformers' own ``AutoHfQuantizer.merge_quantization_configs``. None for an unquantized
+    transformers quantization config of the same class, e.g. ``FineGrainedFP8Config(dequantize=True)``, or
+    a dict of its loading attributes — merged in by transformers' own ``AutoHfQuantizer.merge_quantization_configs``. None for an unquantized
     checkpoint; a method meshload cannot slice is refused, naming it."""
     declared = config_dict.get("quantization_config")
     if declared is None:
@@ -86,6 +86,10 @@ def quantization_of(config_dict: dict, *, override: Any = None, source: str = "c
             f"{list(SUPPORTED_METHODS)} (see docs/QUANTIZED.md)"
         )
     try:
+        if isinstance(override, dict):  # loading attributes only, e.g. {"dequantize": True} (``meshload --dequantize``)
+            from transformers.quantizers.auto import AutoQuantizationConfig
+
+            override = AutoQuantizationConfig.from_dict({**declared, **override})
         merged = AutoHfQuantizer.merge_quantization_configs(dict(declared), override)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{source}: quantization_config {declared!r}: {exc}") from None

@@ -163,3 +163,23 @@ def test_fp8_over_ray_raw_and_dequantized(ray_cluster, fp8):
         checkpoints.assert_state_equal(m.full_state_dict(), fp32.state_dict())
         checkpoints.assert_inference_matches(m, *checkpoints.expected_outputs(fp32))
     assert wait_until_clean() == ([], [])
+
+
+def test_meshload_plan_shows_quantized_bytes_and_scales_per_rank(fp8, capsys):
+    from orchestrator.cli import main
+    from planning.summary import quantized_bytes
+
+    path, stored, _ = fp8
+    assert main(["plan", path, "--tp", "2", "--nodes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "quantized      fp8, blocks 128x128" in out and "held quantized on the ranks" in out, out
+    header = next(line for line in out.splitlines() if line.lstrip().startswith("rank"))
+    assert "fp8 weights" in header and "scales" in header, header
+    plan = orchestrator.plan(path, tp=2, nodes=2)
+    scale_bytes = sum(quantized_bytes(plan, r)[1] for r in plan.ranks)
+    # q/o/gate/up/down split in two, k/v (one KV head) replicated: each rank reads half of the first, all of the second
+    replicated = sum(t.numel() * 4 for n, t in stored.items() if n.endswith(("k_proj.weight_scale_inv", "v_proj.weight_scale_inv")))
+    total = sum(t.numel() * 4 for n, t in stored.items() if n.endswith("weight_scale_inv"))
+    assert scale_bytes == total + replicated
+    assert main(["plan", path, "--pp", "2", "--nodes", "2", "--dequantize"]) == 0
+    assert "dequantized to bfloat16 on each rank" in capsys.readouterr().out

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.gpu_load import LLAMA_8B, start_cluster, stop_cluster
+from benchmarks.gpu_load import LLAMA_8B, random_llama, start_cluster, stop_cluster
 
 PROMPT = [[1, 306, 4658, 278, 6593, 310, 2834, 338, 29871, 1048, 278, 6593, 310, 2834, 29889, 13]]
 NEW_TOKENS = 8
@@ -49,14 +49,9 @@ def write(path: str, *, preset: str, device: str) -> None:
     from transformers.quantizers.auto import AutoHfQuantizer
 
     config = LlamaConfig(**{"8b": LLAMA_8B, "tiny": TINY_FP8}[preset], dtype="bfloat16")
+    model = random_llama(config, device=device)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
         layout = LlamaForCausalLM(config)
-    model = model.to_empty(device=device).to(torch.bfloat16)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02, generator=gen)
     quantization = FineGrainedFP8Config()
     quantizer = AutoHfQuantizer.from_config(quantization, pre_quantized=True)
     quantizer.preprocess_model(layout)

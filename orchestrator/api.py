@@ -36,6 +36,7 @@ from planning.validate import validate_plan
 
 if TYPE_CHECKING:  # the driver imports torch only once it handles tensors (LoadedModel)
     import torch
+    from transformers.utils.quantization_config import QuantizationConfigMixin
 
 log = logging.getLogger("meshload")
 
@@ -60,7 +61,7 @@ def plan(
     cache_dir: str | None = None,
     token: str | bool | None = None,
     allow_pickle: bool = False,
-    quantization=None,
+    quantization: QuantizationConfigMixin | dict | None = None,
 ) -> LoadPlan:
     """Plan a load without a cluster and without reading a weight byte (headers only).
 

@@ -37,6 +37,7 @@ from planning.tp_plans import check_user_plan, effective_plan
 
 if TYPE_CHECKING:
     import torch
+    from transformers.utils.quantization_config import QuantizationConfigMixin
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DEVICES = ("cpu", "cuda")
@@ -164,7 +165,7 @@ def make_plan(
     token: str | bool | None = None,
     allow_pickle: bool = False,
     resolved: ResolvedModel | None = None,
-    quantization=None,
+    quantization: QuantizationConfigMixin | dict | None = None,
 ) -> LoadPlan:
     """Plan a load (see module docstring). ``resolved`` reuses an already indexed checkpoint.
 

@@ -24,10 +24,13 @@ Runs on the driver (planning) and on every rank (the meta model); pure apart fro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from planning.errors import ConfigError, PlanError
 from planning.tp_styles import Shard
+
+if TYPE_CHECKING:
+    from transformers.utils.quantization_config import QuantizationConfigMixin
 
 # quant_method → the parameter suffixes that carry per-block scales of a weight, with the weight's own suffix.
 SCALE_SUFFIXES: dict[str, dict[str, str]] = {
@@ -46,11 +49,6 @@ class Quantization:
     dequantize: bool  # read the quantized bytes, hold the model's dtype (transformers' dequantize option)
     config: dict  # transformers' QuantizationConfig.to_dict(), JSON-safe
 
-    def to_transformers(self) -> Any:
-        from transformers.quantizers.auto import AutoQuantizationConfig
-
-        return AutoQuantizationConfig.from_dict(dict(self.config))
-
 
 def _json_safe(value: Any) -> Any:
     if isinstance(value, dict):
@@ -62,11 +60,13 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def quantization_of(config_dict: dict, *, override: Any = None, source: str = "config.json") -> Quantization | None:
+def quantization_of(
+    config_dict: dict, *, override: QuantizationConfigMixin | dict | None = None, source: str = "config.json"
+) -> Quantization | None:
     """The checkpoint's quantization (``config.json``'s ``quantization_config``), with ``override`` — a
-    transformers quantization config of the same class, e.g. ``FineGrainedFP8Config(dequantize=True)``, or
-    a dict of its loading attributes — merged in by transformers' own ``AutoHfQuantizer.merge_quantization_configs``. None for an unquantized
-    checkpoint; a method meshload cannot slice is refused, naming it."""
+    transformers quantization config of the same class, e.g. ``FineGrainedFP8Config(dequantize=True)``, or a
+    dict of its loading attributes — merged in by transformers' own ``AutoHfQuantizer.merge_quantization_configs``.
+    None for an unquantized checkpoint; a method meshload cannot slice is refused, naming it."""
     declared = config_dict.get("quantization_config")
     if declared is None:
         if override is not None:
@@ -145,7 +145,7 @@ def block_shard(
         end = start + length
         if start % size or (end % size and end != weight_shard.full_size):
             raise PlanError(
-                f"{weight_name}: tp={tp} cuts dimension {dim} (size {weight_shard.full_size}) at rows "
+                f"{weight_name}: tp={tp} cuts dimension {dim} (size {weight_shard.full_size}) at "
                 f"[{start}, {end}), which is not on the quantization block boundary (block size {size}); "
                 f"every rank's slice must be a whole number of {size}-element blocks: use a tp that divides "
                 f"{weight_shard.full_size // size} blocks"

@@ -16,24 +16,26 @@ import torch
 
 from planning.plan import LoadPlan, RankPlan
 from planning.quantization import scale_owner
-from planning.skeleton import parse_dtype
 
 
-def dequantize_shards(plan: LoadPlan, rank_plan: RankPlan, tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Replace every quantized weight in ``tensors`` by its dequantized value (the plan's dtype) and drop its
-    scales; returns the names of the scale tensors dropped."""
+def dequantize_shards(
+    plan: LoadPlan, rank_plan: RankPlan, tensors: dict[str, torch.Tensor], model: torch.nn.Module
+) -> list[str]:
+    """Replace every quantized weight in ``tensors`` by its dequantized value and drop its scales; returns the
+    names of the scale tensors dropped. ``model`` is the plain meta model the values go into: as in
+    ``from_pretrained``, each weight takes the dtype of the parameter it fills."""
     quantization = plan.quantization
     if quantization is None or not quantization.dequantize:
         return []
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
-    op = Fp8Dequantize(hf_quantizer=None)  # the per-tensor dequantization uses no quantizer state
-    dtype = parse_dtype(plan.dtype)
+    op = Fp8Dequantize(hf_quantizer=None)  # its conversion reads no quantizer state
     dropped = []
     for p in rank_plan.params:
         weight = scale_owner(p.name, quantization)
         if weight is None or p.name not in tensors or weight not in tensors:
             continue
-        tensors[weight] = op._dequantize_one(tensors[weight], tensors.pop(p.name), output_dtype=dtype)
+        pair = {"weight": tensors[weight], "weight_scale_inv": tensors.pop(p.name)}
+        tensors[weight] = op.convert(pair, full_layer_name=weight, model=model)[weight]
         dropped.append(p.name)
     return dropped

@@ -63,7 +63,7 @@ def build_local_model(
     checkpoint lacks and the non-persistent buffers; ``tensors`` gains the initialised tensors and every alias.
     Quantized shards loaded with ``dequantize`` are dequantized first (their scales leave ``tensors``)."""
     model = meta_model if meta_model is not None else rebuild_meta_model(plan)
-    consumed = set(dequantize_shards(plan, rank_plan, tensors))
+    consumed = set(dequantize_shards(plan, rank_plan, tensors, model))
     for p in rank_plan.params:
         if p.alias_of is None and not p.computed and p.name not in consumed:
             _install(model, p.name, tensors[p.name], is_buffer=p.is_buffer)

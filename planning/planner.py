@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 from planning.checkpoint import CheckpointIndex, build_local_index, find_checkpoint
 from planning.confinement import confined_path
 from planning.conversions import build_source_map
-from planning.errors import CheckpointError, ConfigError, PlanError
+from planning.errors import CheckpointError, ConfigError, ConversionError, PlanError
 from planning.pipeline import assign_stages
-from planning.quantization import quantization_of
+from planning.quantization import quantization_of, scale_owner
 from planning.plan import LoadPlan, ModelRef, PlanInputs, build_plan, node_blocks, rank_budgets
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
 from planning.skeleton import (
@@ -196,7 +196,15 @@ def make_plan(
         )
     check_user_plan(tp_plan, skeleton, [name for name, _ in meta.named_modules() if name])
     plan_dict = effective_plan(meta, user_plan=tp_plan)
-    sources = build_source_map(meta, skeleton, resolved.index, renamings=renamings, where=str(resolved.ref_source))
+    sources = build_source_map(meta, skeleton, resolved.index, renamings=renamings, where=str(resolved.ref_source),
+                               quantization=quant)
+    unfilled = sorted(n for n in sources.computed if scale_owner(n, quant))
+    if unfilled:
+        raise ConversionError(
+            f"{resolved.ref_source}: the {quant.method} checkpoint fills no value for {len(unfilled)} scale tensor(s) of the "
+            f"model, e.g. {unfilled[:3]}: its scales are stored under names transformers' conversions do not map "
+            f"(an initialised scale would scale every weight of its block wrongly)"
+        )
     budgets = rank_budgets(max_memory, tp * pp)
     tensor_bytes = {t.name: t.numel * TORCH_DTYPE_ITEMSIZE[t.dtype] for t in skeleton.tensors}
     stage_budgets = [

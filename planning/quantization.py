@@ -32,10 +32,9 @@ from planning.tp_styles import Shard
 if TYPE_CHECKING:
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
-# quant_method → the parameter suffixes that carry per-block scales of a weight, with the weight's own suffix.
-SCALE_SUFFIXES: dict[str, dict[str, str]] = {
-    "fp8": {"weight_scale_inv": "weight"},
-}
+# quant_method → the suffix of a parameter holding the per-block scales of the parameter named without it
+# (FP8Linear's ``weight`` → ``weight_scale_inv``; FP8Experts' ``gate_up_proj`` → ``gate_up_proj_scale_inv``).
+SCALE_SUFFIXES: dict[str, str] = {"fp8": "_scale_inv"}
 SUPPORTED_METHODS = tuple(SCALE_SUFFIXES)
 
 
@@ -102,26 +101,27 @@ def quantization_of(
     )
 
 
-def apply_quantizer(model: Any, quantization: Quantization) -> None:
-    """Replace ``model``'s modules (on the meta device) as transformers' quantizer does before loading a
-    pre-quantized checkpoint: the checkpoint's layout, whatever ``dequantize`` says (that happens on the
-    ranks, after the quantized bytes are read)."""
+def layout_quantizer(quantization: Quantization) -> Any:
+    """transformers' quantizer for a pre-quantized checkpoint, set for its layout: whatever ``dequantize`` says
+    (that happens on the ranks, after the quantized bytes are read), the modules hold the quantized tensors."""
     from transformers.quantizers.auto import AutoHfQuantizer
 
-    layout = dict(quantization.config, dequantize=False)
-    quantizer = AutoHfQuantizer.from_config(layout, pre_quantized=True)
-    quantizer.preprocess_model(model)
+    return AutoHfQuantizer.from_config(dict(quantization.config, dequantize=False), pre_quantized=True)
+
+
+def apply_quantizer(model: Any, quantization: Quantization) -> None:
+    """Replace ``model``'s modules (on the meta device) as transformers' quantizer does before loading a
+    pre-quantized checkpoint (``layout_quantizer``)."""
+    layout_quantizer(quantization).preprocess_model(model)
 
 
 def scale_owner(name: str, quantization: Quantization | None) -> str | None:
-    """The weight whose block scales parameter ``name`` holds (``...q_proj.weight_scale_inv`` → ``...q_proj.weight``)."""
+    """The weight whose block scales parameter ``name`` holds (``...q_proj.weight_scale_inv`` → ``...q_proj.weight``,
+    ``...experts.gate_up_proj_scale_inv`` → ``...experts.gate_up_proj``)."""
     if quantization is None or quantization.block is None:
         return None
-    module, _, leaf = name.rpartition(".")
-    weight_leaf = SCALE_SUFFIXES[quantization.method].get(leaf)
-    if weight_leaf is None:
-        return None
-    return f"{module}.{weight_leaf}" if module else weight_leaf
+    suffix = SCALE_SUFFIXES[quantization.method]
+    return name.removesuffix(suffix) if name.endswith(suffix) else None
 
 
 def block_shard(

@@ -144,6 +144,41 @@ def test_unsupported_or_misplaced_quantization_is_refused(fp8, tmp_path):
         orchestrator.plan(path)
 
 
+@pytest.fixture(scope="module")
+def fp8_moe(tmp_path_factory):
+    path = checkpoints.fp8_qwen3_moe(str(tmp_path_factory.mktemp("fp8_qwen3_moe")))
+    model = checkpoints.reference(path, quantization_config=FineGrainedFP8Config(dequantize=True))
+    return path, model
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_moe_experts_stored_one_by_one_merge_their_scales_like_their_weights(fp8_moe, tp):
+    from transformers.integrations.finegrained_fp8 import FP8Experts
+
+    from workers.local_model import rebuild_meta_model
+
+    path, model = fp8_moe
+    stored = checkpoints.files_of(path)
+    assert any(".experts.3.up_proj.weight_scale_inv" in k for f in stored for k in load_file(os.path.join(path, f)))
+    plan = orchestrator.plan(path, tp=tp)
+    assert plan.keys.clean, plan.keys  # every per-expert scale fills the fused experts' scales: nothing left over
+    assert isinstance(rebuild_meta_model(plan).model.layers[0].mlp.experts, FP8Experts)
+    scale = next(p for p in plan.ranks[0].params if p.name == "model.layers.0.mlp.experts.gate_up_proj_scale_inv")
+    assert len(scale.reads) == 2 * 4  # gate and up scales of 4 experts, concatenated and stacked as their weights are
+    dequantized = orchestrator.plan(path, tp=tp, quantization={"dequantize": True})
+    state, _ = checkpoints.load_in_process(dequantized)
+    checkpoints.assert_state_equal(state, model.state_dict())
+
+
+def test_scales_the_checkpoint_does_not_fill_are_refused(fp8, tmp_path):
+    from planning.errors import ConversionError
+
+    path = checkpoints.rewrite(fp8[0], str(tmp_path / "renamed"), lambda state: {
+        k.replace("q_proj.weight_scale_inv", "q_proj.scales"): v for k, v in state.items()})
+    with pytest.raises(ConversionError, match=r"fills no value for 2 scale tensor\(s\).*q_proj.weight_scale_inv"):
+        orchestrator.plan(path)
+
+
 @pytest.mark.cluster
 def test_fp8_over_ray_raw_and_dequantized(ray_cluster, fp8):
     path, stored, model = fp8

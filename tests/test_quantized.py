@@ -218,3 +218,15 @@ def test_meshload_plan_shows_quantized_bytes_and_scales_per_rank(fp8, capsys):
     assert scale_bytes == total + replicated
     assert main(["plan", path, "--pp", "2", "--nodes", "2", "--dequantize"]) == 0
     assert "dequantized to bfloat16 on each rank" in capsys.readouterr().out
+
+
+def test_the_plan_cache_keys_the_quantization_option(fp8):
+    from planning.plan_cache import plan_key
+    from planning.planner import resolve_model
+
+    resolved = resolve_model(fp8[0])
+    keys = {plan_key(resolved, dict(tp=2, quantization=q))
+            for q in (None, FineGrainedFP8Config(dequantize=True), FineGrainedFP8Config(dequantize=False))}
+    assert len(keys) == 3
+    assert plan_key(resolved, dict(quantization=FineGrainedFP8Config(dequantize=True))) == plan_key(
+        resolved, dict(quantization=FineGrainedFP8Config(dequantize=True)))

@@ -1,7 +1,8 @@
 """Pre-quantized checkpoints (FP8 with 128×128 block scales, the DeepSeek-V3/Qwen3 layout), checked against
 the checkpoint's own bytes and against transformers: the planner cuts each weight and its scales on block
 boundaries (or refuses the degree), ranks read only their bytes of both, the module is transformers'
-``FP8Linear``, and with ``dequantize`` the state and logits are transformers' own CPU load, bit for bit."""
+``FP8Linear`` (``FP8Experts`` for a Qwen3-MoE whose experts are stored one by one), and with ``dequantize``
+the state and logits are transformers' own CPU load, bit for bit."""
 
 from __future__ import annotations
 
@@ -55,10 +56,9 @@ def test_the_checkpoint_is_laid_out_as_published(fp8):
     assert stored["lm_head.weight"].dtype == torch.bfloat16  # transformers keeps the LM head unquantized
 
 
-@pytest.mark.parametrize("tp", [2])
-def test_scales_are_cut_with_their_weight_block_by_block(fp8, tp):
+def test_scales_are_cut_with_their_weight_block_by_block(fp8):
     path, stored, _ = fp8
-    plan = orchestrator.plan(path, tp=tp)
+    plan = orchestrator.plan(path, tp=2)  # q/o/gate/up/down split in 128-row (or column) blocks, one KV head replicated
     assert plan.quantization.method == "fp8" and plan.quantization.block == (BLOCK, BLOCK)
     scales = [n for n in stored if n.endswith(".weight_scale_inv")]
     assert scales

@@ -36,6 +36,7 @@ from planning.validate import validate_plan
 
 if TYPE_CHECKING:  # the driver imports torch only once it handles tensors (LoadedModel)
     import torch
+    from transformers.utils.quantization_config import QuantizationConfigMixin
 
 log = logging.getLogger("meshload")
 
@@ -60,11 +61,14 @@ def plan(
     cache_dir: str | None = None,
     token: str | bool | None = None,
     allow_pickle: bool = False,
+    quantization: QuantizationConfigMixin | dict | None = None,
 ) -> LoadPlan:
     """Plan a load without a cluster and without reading a weight byte (headers only).
 
     ``model``: a local folder, a single ``.safetensors`` file, or a Hub repo id (``revision=``).
     ``nodes`` is a number: ranks are spread over that many nodes in contiguous blocks.
+    ``quantization``: for a pre-quantized checkpoint, a transformers config of its method whose loading
+    attributes win, as with ``from_pretrained`` (``FineGrainedFP8Config(dequantize=True)``); docs/QUANTIZED.md.
     """
     return make_plan(
         model,
@@ -83,6 +87,7 @@ def plan(
         cache_dir=cache_dir,
         token=token,
         allow_pickle=allow_pickle,
+        quantization=quantization,
     )
 
 
@@ -113,7 +118,7 @@ def load(
 
     ``model`` is what ``plan`` takes, or a ``LoadPlan`` made earlier (then topology and plan options
     come from it). ``plan_options`` are those of ``plan`` (dtype, tp_plan, device_map, max_memory, attn_implementation,
-    model_class, renamings, revision, cache_dir, token, allow_pickle). ``address`` selects a Ray
+    model_class, renamings, revision, cache_dir, token, allow_pickle, quantization). ``address`` selects a Ray
     cluster (default: the one ``ray.init()`` finds, else an embedded local one with ``nodes``
     simulated nodes). Hub checkpoints: ``fetch`` is ``"ranges"`` (default: each node downloads only
     the byte ranges its ranks read, joining ranges closer than ``fetch_gap_bytes``, 1 MiB by default)

@@ -32,6 +32,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp-plan", default=None, help="JSON object of glob -> style overriding the TP plan")
     p.add_argument("--max-memory", default=None, help="per-rank parameter budget, e.g. 40GiB")
     p.add_argument("--allow-pickle", action="store_true", help="accept legacy .bin checkpoints (weights_only)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="a pre-quantized checkpoint (FP8): read as published, dequantized on each rank to --dtype")
 
 
 def read_token(args) -> str | None:
@@ -75,6 +77,7 @@ def _plan_kwargs(args) -> dict:
         tp_plan=json.loads(args.tp_plan) if args.tp_plan else None,
         max_memory=args.max_memory,
         allow_pickle=args.allow_pickle,
+        quantization={"dequantize": True} if args.dequantize else None,
     )
 
 

@@ -212,6 +212,19 @@ class LoadedModel:
     def _last_stage_rank0(self) -> int:
         return next(r.rank for r in self.plan.ranks if r.stage == self.plan.pp - 1)
 
+    def _check_runnable(self) -> None:
+        """FP8 layers run transformers' CUDA kernels; on CPU they run only dequantized (as transformers runs them)."""
+        q = self.plan.quantization
+        if q is not None and not q.dequantize and self.plan.device != "cuda":
+            from planning.errors import PlanError
+
+            raise PlanError(
+                f"{self.plan.model.source}: its {q.method} layers hold quantized weights, whose matmuls need CUDA "
+                f"(transformers' kernels); on device={self.plan.device!r} load it with "
+                f"quantization=FineGrainedFP8Config(dequantize=True) to run it (the weights are read as published, "
+                f"then dequantized on each rank)"
+            )
+
     def _check_ids(self, input_ids) -> torch.Tensor:
         import torch
 
@@ -231,6 +244,7 @@ class LoadedModel:
         For causal LMs: full-vocabulary logits (gathered across TP ranks, padding dropped). For base
         models without a head: the last hidden state.
         """
+        self._check_runnable()
         ids = self._check_ids(input_ids)
         return self._attempt(lambda: self._forward(ids, attention_mask=attention_mask))
 
@@ -278,6 +292,7 @@ class LoadedModel:
 
         from workers.decoding import Decoding
 
+        self._check_runnable()
         ids = self._check_ids(input_ids)
         mask = None
         if attention_mask is not None:

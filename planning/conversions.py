@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from planning.checkpoint import CheckpointIndex
 from planning.errors import ConversionError
 from planning.key_report import KeyReport, classify
+from planning.quantization import Quantization, layout_quantizer
 from planning.skeleton import Skeleton
 from planning.source_expr import Cat, Expr, Narrow, Source, Stack, Transpose, check_expr, shape_of, sources_of
 
@@ -50,11 +51,13 @@ class SourceMap:
     keys: KeyReport = KeyReport()  # what transformers would report: keys not loaded, tensors initialised
 
 
-def _transforms(model, renamings: dict[str, str] | None) -> list:
+def _transforms(model, renamings: dict[str, str] | None, quantization: Quantization | None) -> list:
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     transforms = get_model_conversion_mapping(model, key_mapping=renamings)
     transforms.extend(MESHLOAD_CONVERSIONS.get(model.config.model_type, []))
+    if quantization is not None:  # scales follow their weights (e.g. per-expert scales merged like the experts)
+        transforms = layout_quantizer(quantization).update_weight_conversions(transforms, model)
     return transforms
 
 
@@ -66,9 +69,10 @@ def natural_key(name: str):
 
 def build_source_map(
     model, skeleton: Skeleton, index: CheckpointIndex, *, renamings: dict[str, str] | None = None,
-    where: str = "checkpoint",
+    where: str = "checkpoint", quantization: Quantization | None = None,
 ) -> SourceMap:
-    """Match every checkpoint key to the model; see the module docstring."""
+    """Match every checkpoint key to the model; see the module docstring. ``quantization``: a pre-quantized
+    checkpoint's, whose quantizer extends the conversions to the scales (transformers' ``update_weight_conversions``)."""
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
     targets = skeleton.by_name
@@ -78,7 +82,7 @@ def build_source_map(
         exprs = {k: Source(k, e.shape, e.dtype) for k, e in index.tensors.items()}
         return _finish(model, skeleton, exprs, {k: k for k in exprs}, {}, where=where)
 
-    transforms = _transforms(model, renamings)
+    transforms = _transforms(model, renamings, quantization)
     renames = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     by_pattern = {p: c for c in converters for p in c.source_patterns}

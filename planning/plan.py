@@ -27,6 +27,7 @@ from planning.conversions import SourceMap
 from planning.errors import PlanError
 from planning.key_report import KeyReport
 from planning.pipeline import StageLayout
+from planning.quantization import Quantization, block_shard, scale_owner
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
 from planning.skeleton import HeadLayout, Skeleton, TensorSpec
 from planning.source_expr import locate
@@ -198,6 +199,7 @@ class LoadPlan:
     budgets: tuple[int | None, ...]  # per rank, bytes; None = unbounded
     layers_path: str | None = None  # module path of the repeated layers that stages split
     keys: KeyReport = KeyReport()  # checkpoint tensors not loaded, model tensors initialised (transformers' report)
+    quantization: Quantization | None = None  # a pre-quantized checkpoint's (planning.quantization)
     version: int = PLAN_FORMAT_VERSION
 
     @property
@@ -311,6 +313,7 @@ class PlanInputs:
     device: str
     attn_implementation: str
     budgets: list[int | None]
+    quantization: Quantization | None = None
 
 
 def build_plan(inp: PlanInputs) -> LoadPlan:
@@ -327,6 +330,15 @@ def build_plan(inp: PlanInputs) -> LoadPlan:
         m = matches[spec.name]
         if m is None:
             return None, None
+        weight = scale_owner(spec.name, inp.quantization)
+        if weight is not None and weight in skeleton.by_name and len(spec.shape) >= 2:
+            # Block scales are cut where their weight is cut, a block per scale (refused off the block boundaries).
+            weight_spec = skeleton.by_name[weight]
+            _, weight_shard = shard_of(weight_spec, tp_rank)
+            shard = block_shard(weight_shard, weight_name=weight, ndim=len(weight_spec.shape),
+                                block=inp.quantization.block, scale_size=spec.shape[weight_shard.dim] if weight_shard else 0,
+                                tp=tp)
+            return m.style, shard
         shard = shard_for(spec, m.style, param_level=m.param_level, tp=tp, tp_rank=tp_rank, heads=skeleton.heads, where=m.key)
         return m.style, shard
 
@@ -415,6 +427,7 @@ def build_plan(inp: PlanInputs) -> LoadPlan:
         budgets=tuple(inp.budgets),
         layers_path=skeleton.layers_path,
         keys=sources.keys,
+        quantization=inp.quantization,
     )
     from planning.validate import validate_plan
 

@@ -82,8 +82,15 @@ def plan_key(resolved, options: dict) -> str:
         "options": {k: options[k] for k in sorted(options)},
     }
     h = hashlib.sha256(_code_fingerprint().encode())
-    h.update(json.dumps(described, sort_keys=True, default=str).encode())
+    h.update(json.dumps(described, sort_keys=True, default=_describe).encode())
     return h.hexdigest()
+
+
+def _describe(value) -> object:
+    """An option that is not JSON, for the key: a transformers config by all its values (its ``str`` shows only
+    some: ``FineGrainedFP8Config(dequantize=True)`` and ``(dequantize=False)`` print alike), else its ``str``."""
+    to_dict = getattr(value, "to_dict", None)
+    return to_dict() if callable(to_dict) else str(value)
 
 
 class PlanCache:

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 from planning.checkpoint import CheckpointIndex, build_local_index, find_checkpoint
 from planning.confinement import confined_path
 from planning.conversions import build_source_map
-from planning.errors import CheckpointError, ConfigError, PlanError
+from planning.errors import CheckpointError, ConfigError, ConversionError, PlanError
 from planning.pipeline import assign_stages
+from planning.quantization import quantization_of, scale_owner
 from planning.plan import LoadPlan, ModelRef, PlanInputs, build_plan, node_blocks, rank_budgets
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
 from planning.skeleton import (
@@ -36,6 +37,7 @@ from planning.tp_plans import check_user_plan, effective_plan
 
 if TYPE_CHECKING:
     import torch
+    from transformers.utils.quantization_config import QuantizationConfigMixin
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DEVICES = ("cpu", "cuda")
@@ -163,20 +165,27 @@ def make_plan(
     token: str | bool | None = None,
     allow_pickle: bool = False,
     resolved: ResolvedModel | None = None,
+    quantization: QuantizationConfigMixin | dict | None = None,
 ) -> LoadPlan:
-    """Plan a load (see module docstring). ``resolved`` reuses an already indexed checkpoint."""
+    """Plan a load (see module docstring). ``resolved`` reuses an already indexed checkpoint.
+
+    ``quantization``: a transformers quantization config of the checkpoint's own method whose loading
+    attributes override the checkpoint's (``FineGrainedFP8Config(dequantize=True)``), as ``from_pretrained``
+    merges them (``planning.quantization``)."""
     check_topology(tp, pp, nodes)
     check_options(device=device, attn_implementation=attn_implementation)
     resolved = resolved or resolve_model(model, revision=revision, cache_dir=cache_dir, token=token, allow_pickle=allow_pickle)
     source = f"{resolved.ref_source}/config.json"
     config = config_from_dict(resolved.config_dict, source=source)
     torch_dtype = resolve_dtype(dtype, config, resolved.index)
+    quant = quantization_of(resolved.config_dict, override=quantization, source=source)
     meta = build_meta_model(
         config,
         model_class=model_class or choose_model_class(config, resolved.index.tensors, source=source),
         dtype=torch_dtype,
         attn_implementation=attn_implementation,
         source=source,
+        quantization=quant,
     )
     attn_implementation = attn_implementation or attention_of(meta)
     skeleton = describe(meta, dtype=torch_dtype)
@@ -187,7 +196,15 @@ def make_plan(
         )
     check_user_plan(tp_plan, skeleton, [name for name, _ in meta.named_modules() if name])
     plan_dict = effective_plan(meta, user_plan=tp_plan)
-    sources = build_source_map(meta, skeleton, resolved.index, renamings=renamings, where=str(resolved.ref_source))
+    sources = build_source_map(meta, skeleton, resolved.index, renamings=renamings, where=str(resolved.ref_source),
+                               quantization=quant)
+    unfilled = sorted(n for n in sources.computed if scale_owner(n, quant))
+    if unfilled:
+        raise ConversionError(
+            f"{resolved.ref_source}: the {quant.method} checkpoint fills no value for {len(unfilled)} scale tensor(s) of the "
+            f"model, e.g. {unfilled[:3]}: its scales are stored under names transformers' conversions do not map "
+            f"(an initialised scale would scale every weight of its block wrongly)"
+        )
     budgets = rank_budgets(max_memory, tp * pp)
     tensor_bytes = {t.name: t.numel * TORCH_DTYPE_ITEMSIZE[t.dtype] for t in skeleton.tensors}
     stage_budgets = [
@@ -223,5 +240,6 @@ def make_plan(
             device=device,
             attn_implementation=attn_implementation,
             budgets=budgets,
+            quantization=quant,
         )
     )

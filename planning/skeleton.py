@@ -26,6 +26,8 @@ from planning.errors import ConfigError, PlanError
 if TYPE_CHECKING:
     import torch
 
+    from planning.quantization import Quantization
+
 _BUILD_LOCK = threading.Lock()
 
 
@@ -240,8 +242,12 @@ def build_meta_model(
     dtype: torch.dtype,
     attn_implementation: str | None = None,
     source: str = "config.json",
+    quantization: Quantization | None = None,
 ) -> torch.nn.Module:
     """Instantiate the model on the meta device (no memory, no I/O, no weight init).
+
+    ``quantization`` (a pre-quantized checkpoint's): the modules are replaced by transformers' own
+    quantizer as ``from_pretrained`` replaces them (``planning.quantization``).
 
     ``attn_implementation``: ``None`` for transformers' default (sdpa where the class supports it,
     else eager), or an explicit one, refused if the class cannot honour it. Flash attention is only
@@ -261,6 +267,11 @@ def build_meta_model(
             model = cls._from_config(config, dtype=dtype, attn_implementation=build_with)
     except (ValueError, TypeError, AttributeError, IndexError, ZeroDivisionError, RuntimeError) as exc:
         raise ConfigError(f"{source}: cannot build {cls.__name__} from this config: {exc}") from None
+    if quantization is not None:
+        from planning.quantization import apply_quantizer
+
+        with _BUILD_LOCK:
+            apply_quantizer(model, quantization)
     model.eval()
     return model
 

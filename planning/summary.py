@@ -5,7 +5,8 @@ Pure; used by ``meshload plan`` and ``meshload load``.
 
 from __future__ import annotations
 
-from planning.plan import LoadPlan
+from planning.plan import LoadPlan, RankPlan
+from planning.quantization import scale_owner
 
 
 def human_bytes(n: float) -> str:
@@ -32,6 +33,17 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def quantized_bytes(plan: LoadPlan, rank: RankPlan) -> tuple[int, int]:
+    """(bytes of quantized weights, bytes of their scales) that ``rank`` reads, as the checkpoint stores them."""
+    weights = scales = 0
+    for p in rank.params:
+        owner = scale_owner(p.name, plan.quantization)
+        if owner is not None:
+            scales += sum(i.nbytes for i in p.reads)
+            weights += sum(i.nbytes for q in rank.params if q.name == owner for i in q.reads)
+    return weights, scales
+
+
 def rank_table(plan: LoadPlan) -> str:
     rows = []
     for r in plan.ranks:
@@ -46,10 +58,12 @@ def rank_table(plan: LoadPlan) -> str:
                 human_count(r.num_parameters),
                 human_bytes(r.param_bytes),
                 human_bytes(r.read_bytes),
+                *(human_bytes(n) for n in (quantized_bytes(plan, r) if plan.quantization else ())),
                 str(len(r.files)),
             ]
         )
-    return table(["rank", "node", "stage", "tp", "layers", "params", "bytes", "reads", "files"], rows)
+    quantized = [f"{plan.quantization.method} weights", "scales"] if plan.quantization else []
+    return table(["rank", "node", "stage", "tp", "layers", "params", "bytes", "reads", *quantized, "files"], rows)
 
 
 def node_read_bytes(plan: LoadPlan, node: int) -> int:
@@ -64,13 +78,22 @@ def totals_text(plan: LoadPlan) -> str:
     t = plan.totals
     per_rank = [r.param_bytes for r in plan.ranks]
     fetch = [node_read_bytes(plan, n.node) for n in plan.nodes]
+    held = {p.dtype for r in plan.ranks for p in r.params if not p.is_buffer}  # a quantized checkpoint: several
+    dtypes = " + ".join([plan.dtype] + sorted(held - {plan.dtype})) if plan.quantization else plan.dtype
     lines = [
         f"model          {plan.model.class_name} ({plan.model.model_type}) from {plan.model.source}",
         f"topology       tp={plan.tp} pp={plan.pp} nodes={plan.num_nodes} -> {plan.world_size} ranks, dtype={plan.dtype}, device={plan.device}",
         f"parameters     {human_count(t.num_parameters)} ({t.num_parameters:,})",
-        f"weights        {human_bytes(t.param_bytes)} in {plan.dtype}; checkpoint {human_bytes(t.checkpoint_bytes)} in {len(plan.files)} file(s)",
+        f"weights        {human_bytes(t.param_bytes)} in {dtypes}; checkpoint {human_bytes(t.checkpoint_bytes)} in {len(plan.files)} file(s)",
         f"per rank       max {human_bytes(max(per_rank))}, min {human_bytes(min(per_rank))} of parameters",
         f"per node       fetches max {human_bytes(max(fetch))} (only the byte ranges its ranks read)",
         f"forward        ~{human_count(t.flops_per_token)}FLOPs per token (2 x parameters used per token; attention scores not counted)",
     ]
+    q = plan.quantization
+    if q is not None:
+        weights, scales = (sum(x) for x in zip(*(quantized_bytes(plan, r) for r in plan.ranks)))
+        block = "x".join(map(str, q.block)) if q.block else "per tensor"
+        held = f"dequantized to {plan.dtype} on each rank" if q.dequantize else "held quantized on the ranks"
+        lines.insert(3, f"quantized      {q.method}, blocks {block}: ranks read {human_bytes(weights)} of quantized weights "
+                        f"+ {human_bytes(scales)} of scales (all ranks), {held}")
     return "\n".join(lines)

@@ -137,3 +137,65 @@ def rewrite(src: str, dst: str, fn) -> str:
     new = fn(state)
     save_file({k: v.contiguous() for k, v in new.items()}, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
     return dst
+
+
+# Dimensions that are whole 128-blocks (transformers' FP8 dequantization needs that); 2 query heads, 1 KV head.
+FP8_LLAMA = dict(vocab_size=101, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=128, max_position_embeddings=128, initializer_range=0.2,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+# The same with 4 experts of 256 (Qwen3-30B-A3B-FP8's layout: experts stored one by one, each with its scales).
+FP8_QWEN3_MOE = dict(FP8_LLAMA, intermediate_size=512, moe_intermediate_size=256, num_experts=4, num_experts_per_tok=2)
+
+
+def fp8_llama(path: str, **overrides) -> str:
+    """A DeepSeek-V3/Qwen3-style FP8 Llama (see ``fp8_checkpoint``)."""
+    import transformers as tf
+
+    return fp8_checkpoint(path, tf.LlamaConfig(**{**FP8_LLAMA, **overrides}))
+
+
+def fp8_qwen3_moe(path: str, **overrides) -> str:
+    """An FP8 Qwen3-MoE, experts one by one as published (see ``fp8_checkpoint``)."""
+    import transformers as tf
+
+    return fp8_checkpoint(path, tf.Qwen3MoeConfig(**{**FP8_QWEN3_MOE, **overrides}))
+
+
+def fp8_checkpoint(path: str, config, *, seed: int = 0, shard: str = "200KB") -> str:
+    """A checkpoint laid out as the published FP8 ones: a seeded bf16 model written by ``save_pretrained`` (its
+    names as published, MoE experts one by one), then every tensor of a module transformers' quantizer turns
+    into ``FP8Linear``/``FP8Experts`` quantized by transformers' own ``Fp8Quantize`` (``FineGrainedFP8Config``'s
+    128×128 blocks: a ``float8_e4m3fn`` weight and a float32 ``weight_scale_inv`` per block); the rest (embeddings,
+    norms, router, LM head) stays bf16. Rewritten sharded, with an index, by huggingface_hub's ``save_torch_state_dict``."""
+    import re
+
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import FP8Experts, FP8Linear, Fp8Quantize
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(path)
+    state = {}
+    for f in files_of(path):
+        state.update(load_file(os.path.join(path, f)))
+        os.remove(os.path.join(path, f))
+    if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
+        os.remove(os.path.join(path, "model.safetensors.index.json"))
+    quantization = FineGrainedFP8Config()
+    quantizer = AutoHfQuantizer.from_config(quantization, pre_quantized=True)
+    with torch.device("meta"):
+        layout = AutoModelForCausalLM.from_config(config)
+    quantizer.preprocess_model(layout)  # which modules transformers quantizes (not the LM head)
+    converted = {n for n, m in layout.named_modules() if isinstance(m, (FP8Linear, FP8Experts))}
+    op = Fp8Quantize(quantizer)
+    out = {}
+    for name, tensor in state.items():
+        module = re.sub(r"\.\d+\.\w+\.weight$", "", name) if ".experts." in name else name.removesuffix(".weight")
+        out.update(op.convert({name: tensor}) if name.endswith(".weight") and module in converted else {name: tensor})
+    save_torch_state_dict({k: v.contiguous() for k, v in out.items()}, path, max_shard_size=shard)
+    config.quantization_config = quantization
+    config.dtype = torch.bfloat16
+    config.save_pretrained(path)
+    return path

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from planning.plan import LoadPlan
+from workers.wire import from_wire
 
 
 def assemble_state_dict(plan: LoadPlan, local_states: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -19,16 +20,16 @@ def assemble_state_dict(plan: LoadPlan, local_states: dict[int, dict[str, torch.
     for stage in plan.stages:
         members = [r for r in plan.ranks if r.stage == stage.stage]
         for i, p in enumerate(members[0].params):
-            if p.name in out:
+            if p.name in out or p.name not in local_states[members[0].rank]:  # (scales consumed by a dequantization)
                 continue
             if p.shard is None:
-                out[p.name] = local_states[members[0].rank][p.name]
+                out[p.name] = from_wire(local_states[members[0].rank][p.name], p.dtype)
                 continue
-            first = local_states[members[0].rank][p.name]
+            first = from_wire(local_states[members[0].rank][p.name], p.dtype)
             full = torch.empty(p.full_shape, dtype=first.dtype)
             for m in members:
                 mp = m.params[i]
-                local = local_states[m.rank][p.name]
+                local = from_wire(local_states[m.rank][p.name], p.dtype)
                 at = 0
                 for start, length in mp.shard.pieces:
                     full.narrow(mp.shard.dim, start, length).copy_(local.narrow(mp.shard.dim, at, length))

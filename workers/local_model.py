@@ -22,16 +22,21 @@ import torch
 
 from planning.plan import LoadPlan, ParamPlan, RankPlan
 from planning.skeleton import build_meta_model, config_from_dict, parse_dtype
+from workers.dequantize import dequantize_shards
 
 
 INIT_SEED = 0  # seed of the initialisation of tensors the checkpoint lacks (the same on every rank)
 
 
 def rebuild_meta_model(plan: LoadPlan) -> torch.nn.Module:
+    """The planner's meta model; for a quantized checkpoint loaded with ``dequantize``, the plain one transformers
+    builds then (its weights are the dequantized shards, ``workers.dequantize``)."""
     config = config_from_dict(plan.model.config, source=f"{plan.model.source}/config.json")
+    quantization = plan.quantization
     return build_meta_model(
         config, model_class=plan.model.class_name, dtype=parse_dtype(plan.dtype),
         attn_implementation=plan.attn_implementation,
+        quantization=None if quantization is None or quantization.dequantize else quantization,
     )
 
 
@@ -55,10 +60,12 @@ def build_local_model(
     meta_model: torch.nn.Module | None = None,
 ) -> torch.nn.Module:
     """Install ``tensors`` (name → local tensor) into a fresh (or the given, unused) meta model, initialise what the
-    checkpoint lacks and the non-persistent buffers; ``tensors`` gains the initialised tensors and every alias."""
+    checkpoint lacks and the non-persistent buffers; ``tensors`` gains the initialised tensors and every alias.
+    Quantized shards loaded with ``dequantize`` are dequantized first (their scales leave ``tensors``)."""
     model = meta_model if meta_model is not None else rebuild_meta_model(plan)
+    consumed = set(dequantize_shards(plan, rank_plan, tensors, model))
     for p in rank_plan.params:
-        if p.alias_of is None and not p.computed:
+        if p.alias_of is None and not p.computed and p.name not in consumed:
             _install(model, p.name, tensors[p.name], is_buffer=p.is_buffer)
     initialised = [p for p in rank_plan.params if p.computed]
     for p in initialised:  # at full shape: the model's init sees the tensor transformers would initialise

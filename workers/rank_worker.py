@@ -52,6 +52,7 @@ from workers.report import RankReport, io_counters, node_location, peak_rss_byte
 from workers.stage_runner import StageRunner
 from workers.staging import StagingRing
 from workers.tp_runtime import GroupSlot, apply_tensor_parallel
+from workers.wire import from_wire, to_wire
 
 
 def allocate_params(params: list[ParamPlan], device: torch.device) -> dict[str, torch.Tensor]:
@@ -282,7 +283,7 @@ class RankWorker:
     def _export(self, name: str) -> torch.Tensor:
         """A CPU tensor safe to ship: a mapped view is copied, or pickling would ship its whole file."""
         t = self.tensors[name].detach()
-        return t.clone() if name in self._mapped else t.cpu()
+        return to_wire(t.clone() if name in self._mapped else t.cpu())
 
     def receive_tied(self, *parts: dict[str, torch.Tensor]) -> None:
         """Store tied tensors sent by other stages (each part is one sender's ``tied_for`` result)."""
@@ -295,7 +296,7 @@ class RankWorker:
                 self.tensors[name].copy_(tensor)
                 continue
             # Object-store tensors may be read-only shared memory: copy into our own storage.
-            self.tensors[name] = tensor.to(self.device, dtype=parse_dtype(p.dtype), copy=True)
+            self.tensors[name] = from_wire(tensor, p.dtype).to(self.device, dtype=parse_dtype(p.dtype), copy=True)
 
     def finalize(self) -> RankReport:
         """Build the local model and report. Every tensor of the rank must be present by now."""

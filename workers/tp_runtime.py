@@ -69,14 +69,32 @@ class GroupSlot:
         self.group = group
 
 
+def _without_bias(module: torch.nn.Module, forward, x: torch.Tensor) -> torch.Tensor:
+    """``forward(x)`` of a module whose own forward adds its bias (a quantized linear layer such as transformers'
+    ``FP8Linear``, whose matmul is its own kernel), with the bias left out: it is added once, after the reduction."""
+    bias = module._parameters.get("bias")
+    if bias is None:
+        return forward(x)
+    module._parameters["bias"] = None
+    try:
+        return forward(x)
+    finally:
+        module._parameters["bias"] = bias
+
+
 def _rowwise_forward(module: torch.nn.Module, slot: GroupSlot, *, split: list[tuple[int, int]] | None):
     is_conv1d = type(module).__name__ == "Conv1D"
+    # transformers marks the modules its quantizers put in (FP8Linear, ...): their forward is their own kernel
+    own_matmul = getattr(module, "_hf_quantized_needs_local_tp", False)
+    original = module.forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if split is not None:  # replicated input: keep this rank's columns
             x = torch.cat([x[..., s : s + n] for s, n in split], dim=-1)
         if is_conv1d:
             out = (x.reshape(-1, x.shape[-1]) @ module.weight).reshape(*x.shape[:-1], module.weight.shape[-1])
+        elif own_matmul:
+            out = _without_bias(module, original, x)
         else:
             out = F.linear(x, module.weight)
         out = _sum(out, slot.group)

@@ -36,7 +36,8 @@ from planning.skeleton import parse_dtype
 from workers.distributed import init_world, leave_world, listen_store
 from workers.file_guard import FileGuard
 from workers.fingerprint import fingerprint
-from workers.local_model import build_local_model, rebuild_meta_model
+from workers.local_model import build_local_model, get_tensor, install, rebuild_meta_model
+from workers.offload_store import OffloadStore
 from workers.node_files import NodeFiles
 from workers.reader import URING_DEPTH, CheckpointFiles, Progress, io_defaults, read_items, zero_copy_view
 from workers.report import RankReport, io_counters, node_location, peak_rss_bytes, process_age_s
@@ -86,6 +87,7 @@ class RankWorker:
         staging_bytes: int | None = None,
         zero_copy: bool = True,
         device: str | None = None,
+        pin_offload: bool | None = None,
     ) -> None:
         self.rank = rank
         if num_threads:
@@ -106,6 +108,8 @@ class RankWorker:
         self.cache = None
         self._store = None  # rank 0: the rendezvous store it serves (pick_port)
         self._guard = FileGuard()  # read leases on the files this rank maps (workers.file_guard)
+        self._pin_offload = pin_offload  # None: page-lock "cpu"-offloaded tensors when the rank has a GPU
+        self.offload: OffloadStore | None = None
         self.weights_ready_at = 0.0  # wall clock (epoch s) when the last read landed in the rank's storage
         # The device is readied at once, while the driver may still be planning: CUDA context, and the
         # page-locked staging buffers every read to the GPU goes through.
@@ -140,6 +144,8 @@ class RankWorker:
         self.io_threads = io_threads or default_threads
         self.staging_bytes = staging_bytes or default_staging
         self.progress = Progress(total=self.rank_plan.read_bytes)
+        pin = self.device.type == "cuda" if self._pin_offload is None else self._pin_offload
+        self.offload = OffloadStore(pin=pin, guard=self._guard)
         self.plan = plan
         self._attached.set()
 
@@ -192,19 +198,32 @@ class RankWorker:
         disk_before = io_counters().get("read_bytes", 0)
         readable = [p for p in self.rank_plan.params if p.reads]
         with CheckpointFiles(paths, open_file=NodeFiles(self.plan).open, guard=self._guard) as files:
-            if self.device.type == "cpu" and self.zero_copy:
-                for p in readable:
+            for p in readable:
+                # Disk-offloaded tensors are views of the checkpoint wherever they can be; on CPU, with zero_copy,
+                # so are the device's (a "cpu"-offloaded tensor is a copy in host memory by definition).
+                if p.offload == "disk" or (p.offload is None and self.device.type == "cpu" and self.zero_copy):
                     view = zero_copy_view(files, p)
                     if view is not None:
                         self.tensors[p.name] = view
                         self._mapped.add(p.name)
                         self.progress.add(p.nbytes)
+                        if p.offload == "disk":
+                            self.offload.viewing(p.name, p.reads[0].file)
             to_read = [p for p in readable if p.name not in self._mapped]
-            self.tensors.update(allocate_params(to_read, self.device))
+            self.tensors.update(allocate_params([p for p in to_read if p.offload is None], self.device))
+            for p in to_read:
+                if p.offload == "cpu":
+                    self.tensors[p.name] = self.offload.host(p)
+                elif p.offload == "disk":  # a cast, a strided slice or padding: a file of the rank's own
+                    self.tensors[p.name] = self.offload.own_file(p.name, p.shape, parse_dtype(p.dtype))
+                    self._mapped.add(p.name)
             jobs = [(item, self.tensors[p.name]) for p in to_read for item in p.reads]
             read_items(files, jobs, progress=self.progress, threads=self.io_threads, staging_bytes=self.staging_bytes,
                        staging=staging)
             self._bytes_read = files.bytes_read
+        for p in readable:  # written, or mapped in by a neighbour's read (fault-around): out of resident memory
+            if p.offload == "disk":
+                self.offload.release(p.name, self.tensors[p.name])
         changed = self._guard.changes()
         if changed:
             raise CheckpointError(
@@ -254,6 +273,7 @@ class RankWorker:
         self.model = build_local_model(
             self.plan, self.rank_plan, self.tensors, self.device, meta_model=self._skeleton.pop("model")
         )
+        self._settle_offloaded()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         where = self.where()
@@ -276,6 +296,36 @@ class RankWorker:
             process_seconds=process_age_s(),
             weights_ready_at=self.weights_ready_at,
         )
+
+    def _settle_offloaded(self) -> None:
+        """Offloaded tensors made on the rank (initialised ones, absent from the checkpoint) moved to their tier."""
+        for p in self.rank_plan.params:
+            if p.offload is None or not p.owns_storage or not p.computed:
+                continue
+            moved = self.offload.settle(p, self.tensors[p.name])
+            install(self.model, p.name, moved, is_buffer=p.is_buffer)
+            self.tensors[p.name] = get_tensor(self.model, p.name, is_buffer=p.is_buffer)
+            if p.offload == "disk":
+                self._mapped.add(p.name)
+        for p in self.rank_plan.params:
+            if p.alias_of is not None and p.offload is not None:
+                self.tensors[p.name] = self.tensors[p.alias_of]
+
+    def placement(self) -> dict[str, str]:
+        """Where each tensor of the rank lives now: ``"device"``, ``"cpu"`` (host memory; ``"cpu-pinned"`` when
+        page-locked), ``"disk:checkpoint"`` (a view of the checkpoint file) or ``"disk:own"`` (a file of the rank's own)."""
+        out = {}
+        for p in self.rank_plan.params:
+            t = self.tensors.get(p.name)
+            if t is None:
+                continue
+            if p.offload == "disk":
+                out[p.name] = f"disk:{self.offload.kind(p.name)}"
+            elif p.offload == "cpu":
+                out[p.name] = "cpu-pinned" if t.is_pinned() else "cpu"
+            else:
+                out[p.name] = "device"
+        return out
 
     def local_state(self) -> dict[str, torch.Tensor]:
         """The rank's loaded tensors (CPU copies), by model name; padding included."""

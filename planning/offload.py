@@ -61,8 +61,16 @@ def parse_size(value, *, what: str) -> int | None:
         return value
     from accelerate.utils.modeling import convert_file_size_to_int
 
+    text = value.strip()
+    for unit, scale, smaller in (("TIB", 1024, "GiB"), ("TB", 1000, "GB")):  # accelerate's parser stops at GiB/GB
+        if text.upper().endswith(unit) and not text.endswith("b"):
+            try:
+                text = f"{float(text[: -len(unit)]) * scale}{smaller}"
+            except ValueError:
+                pass  # refused below, as accelerate refuses it
+            break
     try:
-        return convert_file_size_to_int(value.strip())
+        return convert_file_size_to_int(text)
     except ValueError:
         raise PlanError(f"{what}: cannot read {value!r} as a size; use bytes or e.g. '40GiB', '512MiB', '1.5GB'") from None
 

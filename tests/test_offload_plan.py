@@ -48,8 +48,8 @@ def test_budgets_fill_the_device_then_cpu_then_disk_layer_by_layer(ckpt, sizes):
     # no "cpu" budget: what leaves the device goes to disk; a budget the model fits: nothing offloaded
     plan = make_plan(ckpt, tp=1, max_memory={"device": device})
     assert layer_tiers(plan.ranks[0], plan.layers_path) == {"device": [0, 1], "cpu": [], "disk": [2, 3, 4, 5]}
-    plan = make_plan(ckpt, tp=1, max_memory={"device": "10MiB", "cpu": "1GiB"})
-    assert not any(p.offload for p in plan.ranks[0].params)
+    plan = make_plan(ckpt, tp=1, max_memory={"device": "10MiB", "cpu": "1.5TiB"})
+    assert not any(p.offload for p in plan.ranks[0].params) and plan.cpu_budgets == (3 << 39,)
     # the spelling with the device's name, per rank, and accelerate's size strings
     plan = make_plan(ckpt, tp=2, device="cuda", max_memory={0: {"cuda": device // 2, "cpu": "1GiB"}, 1: "10MiB"})
     assert layer_tiers(plan.ranks[0], plan.layers_path)["cpu"] and not any(p.offload for p in plan.ranks[1].params)

@@ -72,6 +72,15 @@ def resident_pages(t: torch.Tensor) -> int:
     return sum(e >> 63 for e in entries)
 
 
+def _forward(worker: RankWorker) -> torch.Tensor:
+    ip, port = worker.pick_port()
+    worker.init_inference(ip, port, backend="gloo", collective_timeout_s=60)
+    try:
+        return worker.forward_step(checkpoints.PROMPT), worker.forward_step(checkpoints.PROMPT)
+    finally:
+        worker.close()
+
+
 def test_offloaded_tensors_live_where_the_plan_puts_them(ckpt, spill):
     plan = make_plan(ckpt, tp=1, max_memory=spill)
     assert layer_tiers(plan.ranks[0], plan.layers_path) == {"device": [0, 1], "cpu": [2, 3], "disk": [4, 5]}
@@ -115,3 +124,40 @@ def test_cast_and_strided_disk_tensors_go_to_files_of_the_rank(ckpt, tmp_path, m
         got = assemble_state_dict(plan, {w.rank: w.local_state() for w in workers})
         want = assemble_state_dict(resident, {r: _loaded(resident, r).local_state() for r in range(2)})
         checkpoints.assert_state_equal(got, want)
+
+
+def test_forward_streams_offloaded_layers_one_ahead_and_matches_the_resident_load(ckpt, spill):
+    plan = make_plan(ckpt, tp=1, max_memory=spill)
+    worker = _loaded(plan)
+    want, _ = _forward(_loaded(make_plan(ckpt, tp=1)))
+    ip, port = worker.pick_port()
+    worker.init_inference(ip, port, backend="gloo", collective_timeout_s=60)
+    streamer = worker.streamer
+    assert streamer.order == [2, 3, 4, 5]
+    seen = {}
+    layers = worker.model.get_submodule(plan.layers_path)
+    for i in range(LAYERS):  # registered after the streamer's: sees the layer as it computes
+        layers[i].register_forward_pre_hook(
+            lambda module, args, i=i: seen.setdefault(i, []).append((sorted(streamer._resident), sorted(streamer._pending)))
+        )
+    try:
+        first = worker.forward_step(checkpoints.PROMPT)
+        second = worker.forward_step(checkpoints.PROMPT)
+        tokens = checkpoints.reference(ckpt).generate(checkpoints.PROMPT, max_new_tokens=3, do_sample=False)
+    finally:
+        worker.close()
+    assert torch.equal(first, want) and torch.equal(second, want)
+    with torch.no_grad():
+        assert torch.equal(first, checkpoints.reference(ckpt)(checkpoints.PROMPT).logits)
+    # while layer i computes, its copy is in place and the next offloaded layer's is on its way: two at most
+    assert seen[1] == [([], []), ([], [2])]  # the second forward's first offloaded layer was prefetched by the first
+    for i, next_one in ((2, 3), (3, 4), (4, 5), (5, 2)):
+        assert seen[i] == [([i], [next_one])] * 2, (i, seen[i])
+    layer_bytes = sum(p.nbytes for p in plan.ranks[0].params if p.name.startswith("model.layers.2."))
+    assert streamer.streamed_bytes == (2 * 4 + 1) * layer_bytes  # two forwards of 4 layers, and the next first one
+    for name, where in worker.placement().items():  # back on their host tensors, disk pages not resident
+        param = worker.model.get_parameter(name)
+        assert param.data_ptr() == worker.tensors[name].data_ptr(), name
+        if where.startswith("disk"):
+            assert resident_pages(worker.tensors[name]) <= BOUNDARY, name
+    assert tokens.shape[1] == checkpoints.PROMPT.shape[1] + 3

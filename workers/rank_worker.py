@@ -31,6 +31,7 @@ import time
 import torch
 
 from planning.errors import CheckpointError
+from planning.offload import tier_bytes
 from planning.plan import LoadPlan, ParamPlan
 from planning.skeleton import parse_dtype
 from workers.distributed import init_world, leave_world, listen_store
@@ -38,6 +39,7 @@ from workers.file_guard import FileGuard
 from workers.fingerprint import fingerprint
 from workers.local_model import build_local_model, get_tensor, install, rebuild_meta_model
 from workers.offload_store import OffloadStore
+from workers.offload_stream import LayerStreamer
 from workers.node_files import NodeFiles
 from workers.reader import URING_DEPTH, CheckpointFiles, Progress, io_defaults, read_items, zero_copy_view
 from workers.report import RankReport, io_counters, node_location, peak_rss_bytes, process_age_s
@@ -110,6 +112,7 @@ class RankWorker:
         self._guard = FileGuard()  # read leases on the files this rank maps (workers.file_guard)
         self._pin_offload = pin_offload  # None: page-lock "cpu"-offloaded tensors when the rank has a GPU
         self.offload: OffloadStore | None = None
+        self.streamer: LayerStreamer | None = None
         self.weights_ready_at = 0.0  # wall clock (epoch s) when the last read landed in the rank's storage
         # The device is readied at once, while the driver may still be planning: CUDA context, and the
         # page-locked staging buffers every read to the GPU goes through.
@@ -327,6 +330,14 @@ class RankWorker:
                 out[p.name] = "device"
         return out
 
+    def offload_stats(self) -> dict[str, int]:
+        """Bytes this rank offloads to host memory and to disk (of which in files of its own), and bytes its forward
+        has streamed to the device so far."""
+        own = self.offload.own_file_bytes if self.offload is not None else 0
+        streamed = self.streamer.streamed_bytes if self.streamer is not None else 0
+        return {"cpu_bytes": tier_bytes(self.rank_plan, "cpu"), "disk_bytes": tier_bytes(self.rank_plan, "disk"),
+                "own_file_bytes": own, "streamed_bytes": streamed}
+
     def local_state(self) -> dict[str, torch.Tensor]:
         """The rank's loaded tensors (CPU copies), by model name; padding included."""
         return {p.name: self._export(p.name) for p in self.rank_plan.params if p.name in self.tensors}
@@ -385,6 +396,9 @@ class RankWorker:
         self._tp_group = GroupSlot(group)
         self._installed = apply_tensor_parallel(self.model, self.plan, self.rank_plan, self._tp_group)
         self.runner = StageRunner(self.model, self.plan, self.rank_plan)
+        if any(p.offload for p in self.rank_plan.params):
+            self.streamer = LayerStreamer(self.model, self.plan, self.rank_plan, device=self.device, store=self.offload,
+                                          tensors=self.tensors)
         return self._installed
 
     def forward_step(

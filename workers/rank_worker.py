@@ -220,9 +220,12 @@ class RankWorker:
                 elif p.offload == "disk":  # a cast, a strided slice or padding: a file of the rank's own
                     self.tensors[p.name] = self.offload.own_file(p.name, p.shape, parse_dtype(p.dtype))
                     self._mapped.add(p.name)
-            jobs = [(item, self.tensors[p.name]) for p in to_read for item in p.reads]
+            jobs = [(item, self.tensors[p.name]) for p in to_read if p.offload is None for item in p.reads]
             read_items(files, jobs, progress=self.progress, threads=self.io_threads, staging_bytes=self.staging_bytes,
                        staging=staging)
+            # Offloaded tensors are host memory: read on their own, never through the GPU's staging ring.
+            host_jobs = [(item, self.tensors[p.name]) for p in to_read if p.offload is not None for item in p.reads]
+            read_items(files, host_jobs, progress=self.progress, threads=self.io_threads)
             self._bytes_read = files.bytes_read
         for p in readable:  # written, or mapped in by a neighbour's read (fault-around): out of resident memory
             if p.offload == "disk":

@@ -32,7 +32,6 @@ from planning.errors import PlanError
 from planning.pipeline import layer_of
 
 TIERS = ("cpu", "disk")  # ParamPlan.offload values; None: on the rank's device
-DEVICE_KEYS = ("device", "cuda")  # max_memory / device_map names of the rank's device
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +174,8 @@ def place_rank(rank_plan, *, budget: RankBudget, tiers: dict[str, str | None], l
     fixed: dict[int, int] = {}  # per layer: bytes the device_map offloads
     for p in rank_plan.params:
         if p.name in tier:
-            fixed[layer_of(p.name, layers_path)] = fixed.get(layer_of(p.name, layers_path), 0) + p.nbytes
+            i = layer_of(p.name, layers_path)
+            fixed[i] = fixed.get(i, 0) + p.nbytes
     free_bytes = {i: sum(p.nbytes for p in ps) for i, ps in free.items()}
     on_device = sum(p.nbytes for p in rank_plan.params if p.owns_storage and p.name not in tier)
     staying = on_device - sum(free_bytes.values())  # on the device whatever the budgets say
@@ -203,6 +203,11 @@ def place_rank(rank_plan, *, budget: RankBudget, tiers: dict[str, str | None], l
 def _spill(where, tier, free, free_bytes, fixed, staying, budget: RankBudget, layers_path) -> None:
     """Fill the device with whole layers in order, then host memory up to its budget, then disk (into ``tier``)."""
     per_layer = {i: free_bytes.get(i, 0) + fixed.get(i, 0) for i in {*free_bytes, *fixed}}
+    if not per_layer:
+        raise PlanError(
+            f"{where} needs {staying} bytes of parameters on its device, above its budget of {budget.device} bytes, "
+            f"and holds no layer of a repeated-layer list ({layers_path}) to offload; add ranks (tp/pp) or raise the budget"
+        )
     layer = max(per_layer, key=per_layer.get)
     largest = per_layer[layer]  # the most a layer can have to stream
     if largest > budget.device:

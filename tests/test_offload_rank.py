@@ -161,3 +161,22 @@ def test_forward_streams_offloaded_layers_one_ahead_and_matches_the_resident_loa
         if where.startswith("disk"):
             assert resident_pages(worker.tensors[name]) <= BOUNDARY, name
     assert tokens.shape[1] == checkpoints.PROMPT.shape[1] + 3
+
+
+def test_an_offloaded_tensor_the_checkpoint_lacks_is_initialised_then_moved_to_its_tier(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("MESHLOAD_OFFLOAD_DIR", str(tmp_path / "offload"))
+    os.mkdir(tmp_path / "offload")
+    missing = "model.layers.3.post_attention_layernorm.weight"
+    path = checkpoints.rewrite(ckpt, str(tmp_path / "ckpt"), lambda state: {k: v for k, v in state.items() if k != missing})
+    for tier, kind in (("disk", "disk:own"), ("cpu", "cpu")):
+        plan = make_plan(path, tp=1, device_map={"model.layers.3": tier})
+        assert next(p for p in plan.ranks[0].params if p.name == missing).computed
+        worker = _loaded(plan)
+        assert worker.placement()[missing] == kind
+        t = worker.tensors[missing]
+        assert worker.model.get_parameter(missing).data_ptr() == t.data_ptr()
+        if tier == "disk":
+            assert mapping_of(t).startswith(str(tmp_path / "offload")) and resident_pages(t) <= BOUNDARY
+        state = assemble_state_dict(plan, {0: worker.local_state()})
+        checkpoints.assert_state_equal(state, checkpoints.state_of(path))  # initialised as from_pretrained does
+    assert os.listdir(tmp_path / "offload") == []

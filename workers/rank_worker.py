@@ -7,13 +7,15 @@ Lifecycle, each step a method the driver calls (with a timeout):
    the driver is still planning, importing transformers' model code meanwhile; ``attach(plan)`` then
    hands it the plan. With a plan, that import waits until the reads are done, so it never slows them.
 2. ``load(paths)`` — reads the rank's planned byte ranges into freshly allocated local tensors
-   (``workers.reader``); ``progress()`` can be polled meanwhile from another thread.
+   (``workers.reader``); ``progress()`` can be polled meanwhile from another thread. Tensors the plan
+   offloads go to host memory or stay on disk (``workers.offload_store``).
 3. ``tied_for(rank)`` / ``receive_tied(...)`` — a tied tensor read by one pipeline stage is handed to
    the stage that shares it, instead of being read twice.
 4. ``finalize()`` — builds the rank's transformers model around its tensors (``workers.local_model``),
    recomputes non-persistent buffers, and returns the ``RankReport``.
 5. For inference: ``pick_port()`` (rank 0: serves the rendezvous store on its node address),
-   ``init_inference(...)`` (every rank: process group, TP collectives, stage runner), then
+   ``init_inference(...)`` (every rank: process group, TP collectives, stage runner, and the streaming of
+   offloaded layers, ``workers.offload_stream``), then
    ``forward_step(...)`` per step; the KV cache stays on the rank. After a peer is lost: ``close()``
    (leave the group), then ``init_inference(...)`` again.
 
@@ -77,7 +79,8 @@ def allocate_params(params: list[ParamPlan], device: torch.device) -> dict[str, 
 class RankWorker:
     """See module docstring. ``plan`` may be a ``LoadPlan``, its JSON, or ``None``: then the rank starts
     before planning has finished (its imports overlap the driver's planning) and ``attach(plan)``
-    gives it the plan later."""
+    gives it the plan later. ``pin_offload``: page-lock tensors offloaded to host memory (default: when the
+    rank has a GPU)."""
 
     def __init__(
         self,

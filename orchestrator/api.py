@@ -52,7 +52,7 @@ def plan(
     dtype: str | torch.dtype = "auto",
     device: str = "cpu",
     tp_plan: dict[str, str] | None = None,
-    device_map: dict[str, int] | None = None,
+    device_map: dict[str, int | str] | None = None,
     max_memory=None,
     attn_implementation: str | None = None,
     model_class: str | None = None,

@@ -30,10 +30,23 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=None, help=argparse.SUPPRESS)  # refused: see read_token
     p.add_argument("--model-class", default=None, help="transformers class to build, e.g. BertModel")
     p.add_argument("--tp-plan", default=None, help="JSON object of glob -> style overriding the TP plan")
-    p.add_argument("--max-memory", default=None, help="per-rank parameter budget, e.g. 40GiB")
+    p.add_argument("--max-memory", default=None, type=_max_memory,
+                   help="per-rank parameter budget, e.g. 40GiB, or JSON per device (offloads what does not fit): "
+                        "'{\"cuda\": \"20GiB\", \"cpu\": \"64GiB\"}'")
+    p.add_argument("--device-map", default=None, type=json.loads,
+                   help="JSON object: module prefix -> stage index, \"cpu\" or \"disk\" (e.g. '{\"model.layers.20\": \"disk\"}')")
     p.add_argument("--allow-pickle", action="store_true", help="accept legacy .bin checkpoints (weights_only)")
     p.add_argument("--dequantize", action="store_true",
                    help="a pre-quantized checkpoint (FP8): read as published, dequantized on each rank to --dtype")
+
+
+def _max_memory(text: str):
+    """``--max-memory``: a size (``40GiB``) or a JSON object (``{"cuda": "20GiB", "cpu": "64GiB"}``, or per rank
+    ``{"0": {...}}``: JSON keys are strings, so digit keys are ranks)."""
+    if not text.lstrip().startswith("{"):
+        return text
+    value = json.loads(text)
+    return {int(k) if k.isdigit() else k: v for k, v in value.items()}
 
 
 def read_token(args) -> str | None:
@@ -76,6 +89,7 @@ def _plan_kwargs(args) -> dict:
         model_class=args.model_class,
         tp_plan=json.loads(args.tp_plan) if args.tp_plan else None,
         max_memory=args.max_memory,
+        device_map=args.device_map,
         allow_pickle=args.allow_pickle,
         quantization={"dequantize": True} if args.dequantize else None,
     )
@@ -83,7 +97,7 @@ def _plan_kwargs(args) -> dict:
 
 def cmd_plan(args) -> int:
     from orchestrator.api import plan
-    from planning.summary import rank_table, totals_text
+    from planning.summary import offload_table, rank_table, totals_text
 
     load_plan = plan(args.model, **_plan_kwargs(args))
     if args.svg:
@@ -97,6 +111,11 @@ def cmd_plan(args) -> int:
     print(totals_text(load_plan))
     print()
     print(rank_table(load_plan))
+    offloaded = offload_table(load_plan)
+    if offloaded:
+        print()
+        print(f"offload (layers of {load_plan.layers_path}; embeddings, final norm and head stay on the device)")
+        print(offloaded)
     _print_keys(load_plan)
     return 0
 

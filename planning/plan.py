@@ -18,7 +18,6 @@ Runs on the driver, for all ranks in one process.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 from planning.boxes import Box, box_numel, byte_span, full_box, translate
@@ -26,6 +25,7 @@ from planning.checkpoint import CheckpointFile, CheckpointIndex
 from planning.conversions import SourceMap
 from planning.errors import PlanError
 from planning.key_report import KeyReport
+from planning.offload import RankBudget, place_rank
 from planning.pipeline import StageLayout
 from planning.quantization import Quantization, block_shard, scale_owner
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
@@ -80,6 +80,7 @@ class ParamPlan:
     computed: bool = False  # absent from the checkpoint: initialised on the rank, as transformers initialises it
     tied_to: str | None = None  # (computed) tied to this other initialised tensor of the rank, sharded differently
     is_buffer: bool = False
+    offload: str | None = None  # None: on the rank's device; "cpu": host memory; "disk": mapped from a file (planning.offload)
 
     @property
     def nbytes(self) -> int:
@@ -196,10 +197,11 @@ class LoadPlan:
     tp_plan: dict[str, str]
     heads: HeadLayout | None
     totals: PlanTotals
-    budgets: tuple[int | None, ...]  # per rank, bytes; None = unbounded
+    budgets: tuple[int | None, ...]  # per rank, bytes of parameters on its device (streamed layers included); None = unbounded
     layers_path: str | None = None  # module path of the repeated layers that stages split
     keys: KeyReport = KeyReport()  # checkpoint tensors not loaded, model tensors initialised (transformers' report)
     quantization: Quantization | None = None  # a pre-quantized checkpoint's (planning.quantization)
+    cpu_budgets: tuple[int | None, ...] = ()  # per rank, bytes of host memory for offloaded tensors; None/absent = unbounded
     version: int = PLAN_FORMAT_VERSION
 
     @property
@@ -231,29 +233,6 @@ def node_blocks(world_size: int, num_nodes: int) -> list[int]:
     for node in range(num_nodes):
         out += [node] * (base + (1 if node < extra else 0))
     return out
-
-
-def parse_size(value: int | str | None, *, what: str) -> int | None:
-    """``"40GiB"``, ``"40GB"``, ``"512MiB"`` or an int of bytes."""
-    if value is None or isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?i?B)?\s*", str(value), flags=re.IGNORECASE)
-    if not m:
-        raise PlanError(f"{what}: cannot read {value!r} as a size; use bytes or e.g. '40GiB'")
-    number, unit = float(m.group(1)), (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(number * scale)
-
-
-def rank_budgets(max_memory, world_size: int) -> list[int | None]:
-    if isinstance(max_memory, dict):
-        unknown = sorted(k for k in max_memory if not (isinstance(k, int) and 0 <= k < world_size))
-        if unknown:
-            raise PlanError(f"max_memory keys must be ranks in [0, {world_size}); got {unknown}")
-        return [parse_size(max_memory.get(r), what=f"max_memory[{r}]") for r in range(world_size)]
-    budget = parse_size(max_memory, what="max_memory")
-    return [budget] * world_size
 
 
 def _flops_per_token(skeleton: Skeleton, config) -> int:
@@ -312,8 +291,9 @@ class PlanInputs:
     dtype: str
     device: str
     attn_implementation: str
-    budgets: list[int | None]
+    budgets: list[RankBudget]
     quantization: Quantization | None = None
+    offload_tiers: dict[str, str | None] = field(default_factory=dict)  # device_map prefix → "cpu"/"disk"/None (device)
 
 
 def build_plan(inp: PlanInputs) -> LoadPlan:
@@ -387,16 +367,13 @@ def build_plan(inp: PlanInputs) -> LoadPlan:
             rank_params[rank].append(ParamPlan(**common, reads=_reads(expr, shard, spec.shape, index)))
 
     ranks = tuple(
-        RankPlan(rank=r, node=nodes_of[r], stage=r // tp, tp_rank=r % tp, params=tuple(rank_params[r]), sends=tuple(sends[r]))
+        place_rank(
+            RankPlan(rank=r, node=nodes_of[r], stage=r // tp, tp_rank=r % tp, params=tuple(rank_params[r]),
+                     sends=tuple(sends[r])),
+            budget=inp.budgets[r], tiers=inp.offload_tiers, layers_path=skeleton.layers_path,
+        )
         for r in range(world)
     )
-    for r in ranks:
-        budget = inp.budgets[r.rank]
-        if budget is not None and r.param_bytes > budget:
-            raise PlanError(
-                f"rank {r.rank} (stage {r.stage}, tp rank {r.tp_rank}) needs {r.param_bytes} bytes of parameters, "
-                f"above its max_memory of {budget} bytes; add ranks (tp/pp) or raise the budget"
-            )
     stages = tuple(
         StagePlan(stage=s, layer_start=a, layer_stop=b, first=s == 0, last=s == pp - 1)
         for s, (a, b) in enumerate(inp.stages.layer_ranges)
@@ -424,7 +401,8 @@ def build_plan(inp: PlanInputs) -> LoadPlan:
         tp_plan=dict(inp.tp_plan),
         heads=skeleton.heads,
         totals=totals,
-        budgets=tuple(inp.budgets),
+        budgets=tuple(b.device for b in inp.budgets),
+        cpu_budgets=tuple(b.cpu for b in inp.budgets),
         layers_path=skeleton.layers_path,
         keys=sources.keys,
         quantization=inp.quantization,

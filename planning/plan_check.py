@@ -12,7 +12,9 @@ agrees with the checkpoint as resolved now (headers read again from the folder, 
 
 Resolving a checkpoint confines each of its files (``planning.confinement``), so a plan that passes
 names no file outside the checkpoint folder or the cache, and reads no byte that planning would not.
-For a cached plan, the entry must also be a plan for the options and config it is cached under.
+For a cached plan, the entry must also be a plan for the options and config it is cached under, its
+budgets (device and host memory, ``planning.offload``) included: offloaded tensors are read through
+the same checked reads, so a plan whose reads pass maps no byte of the checkpoint a rank would not read.
 
 Pure; runs on the driver (``orchestrator.api.load``).
 """
@@ -58,6 +60,14 @@ def check_plan_matches(plan, resolved, *, options: dict | None = None) -> None:
     if differ:
         raise PlanError(f"{where} is for {', '.join(f'{k}={got[k]!r}' for k in differ)}, not the "
                         f"{', '.join(f'{k}={wanted[k]!r}' for k in differ)} asked for")
+    if "max_memory" in options:
+        from planning.offload import rank_budgets
+
+        asked = rank_budgets(options["max_memory"], plan.world_size, device=plan.device)
+        held = list(zip(plan.budgets, plan.cpu_budgets or [None] * plan.world_size))
+        if [(b.device, b.cpu) for b in asked] != held:
+            raise PlanError(f"{where} has (device, cpu) budgets {held}, not the {[(b.device, b.cpu) for b in asked]} "
+                            f"of max_memory={options['max_memory']!r}")
     if m.config != resolved.config_dict:
         raise PlanError(f"{where} holds another config.json than the checkpoint's")
 

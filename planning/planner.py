@@ -20,7 +20,8 @@ from planning.conversions import build_source_map
 from planning.errors import CheckpointError, ConfigError, ConversionError, PlanError
 from planning.pipeline import assign_stages
 from planning.quantization import quantization_of, scale_owner
-from planning.plan import LoadPlan, ModelRef, PlanInputs, build_plan, node_blocks, rank_budgets
+from planning.offload import rank_budgets, split_device_map
+from planning.plan import LoadPlan, ModelRef, PlanInputs, build_plan, node_blocks
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
 from planning.skeleton import (
     attention_of,
@@ -155,7 +156,7 @@ def make_plan(
     dtype: str | torch.dtype = "auto",
     device: str = "cpu",
     tp_plan: dict[str, str] | None = None,
-    device_map: dict[str, int] | None = None,
+    device_map: dict[str, int | str] | None = None,
     max_memory=None,
     attn_implementation: str | None = None,
     model_class: str | None = None,
@@ -205,14 +206,16 @@ def make_plan(
             f"model, e.g. {unfilled[:3]}: its scales are stored under names transformers' conversions do not map "
             f"(an initialised scale would scale every weight of its block wrongly)"
         )
-    budgets = rank_budgets(max_memory, tp * pp)
+    budgets = rank_budgets(max_memory, tp * pp, device=device)
+    stage_map, offload_tiers = split_device_map(device_map, device=device)
     tensor_bytes = {t.name: t.numel * TORCH_DTYPE_ITEMSIZE[t.dtype] for t in skeleton.tensors}
+    device_budgets = [b.device for b in budgets]
     stage_budgets = [
-        None if any(b is None for b in budgets[s * tp : (s + 1) * tp]) else min(budgets[s * tp : (s + 1) * tp]) * tp
+        None if any(b is None for b in device_budgets[s * tp : (s + 1) * tp]) else min(device_budgets[s * tp : (s + 1) * tp]) * tp
         for s in range(pp)
     ]
     trace = trace_first_layer(meta, skeleton.layers_path) if pp > 1 and skeleton.layers_path else None
-    stages = assign_stages(skeleton, pp, tensor_bytes=tensor_bytes, budgets=stage_budgets, device_map=device_map,
+    stages = assign_stages(skeleton, pp, tensor_bytes=tensor_bytes, budgets=stage_budgets, device_map=stage_map,
                            trace=trace)
     ref = ModelRef(
         source=str(resolved.ref_source),
@@ -241,5 +244,6 @@ def make_plan(
             attn_implementation=attn_implementation,
             budgets=budgets,
             quantization=quant,
+            offload_tiers=offload_tiers,
         )
     )

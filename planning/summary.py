@@ -5,6 +5,7 @@ Pure; used by ``meshload plan`` and ``meshload load``.
 
 from __future__ import annotations
 
+from planning.offload import layer_tiers, stream_bytes, tier_bytes
 from planning.plan import LoadPlan, RankPlan
 from planning.quantization import scale_owner
 
@@ -97,3 +98,35 @@ def totals_text(plan: LoadPlan) -> str:
         lines.insert(3, f"quantized      {q.method}, blocks {block}: ranks read {human_bytes(weights)} of quantized weights "
                         f"+ {human_bytes(scales)} of scales (all ranks), {held}")
     return "\n".join(lines)
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` → ``"0-2,5,7-8"``; ``"-"`` for none."""
+    out: list[str] = []
+    for i in layers:
+        if out and int(out[-1].rpartition("-")[2]) == i - 1:
+            out[-1] = f"{out[-1].partition('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ",".join(out) or "-"
+
+
+def offload_table(plan: LoadPlan) -> str | None:
+    """Per rank: which layers live on its device, in host memory and on disk, with the bytes of each (the device's
+    including the room to stream two offloaded layers); None when nothing is offloaded."""
+    if not any(p.offload for r in plan.ranks for p in r.params):
+        return None
+    rows = []
+    for r in plan.ranks:
+        where = layer_tiers(r, plan.layers_path)
+        streamed = stream_bytes(r, plan.layers_path)
+        device = human_bytes(tier_bytes(r, None)) + (f" + {human_bytes(streamed)} streamed" if streamed else "")
+        budget = plan.budgets[r.rank]
+        rows.append([
+            str(r.rank), str(r.stage), str(r.tp_rank),
+            layer_ranges(where["device"]), device, human_bytes(budget) if budget is not None else "-",
+            layer_ranges(where["cpu"]), human_bytes(tier_bytes(r, "cpu")),
+            layer_ranges(where["disk"]), human_bytes(tier_bytes(r, "disk")),
+        ])
+    return table(["rank", "stage", "tp", "device layers", "device bytes", "budget", "cpu layers", "cpu bytes",
+                  "disk layers", "disk bytes"], rows)

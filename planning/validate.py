@@ -6,7 +6,9 @@
   number of times (once, or ``tp // num_kv_heads`` times for replicated KV heads); every model tensor
   is held by every rank of exactly one stage (plus tie copies).
 - Ties: every ``receive_from`` has a matching send; every ``alias_of`` names a parameter of the rank.
-- Budgets respected; every node fetches every byte its ranks read, and only files of the plan.
+- Offload (``planning.offload``): only tensors of the repeated layers are off the device, in a known tier;
+  an alias lives where its owner does; a tensor another stage sends stays on the device.
+- Budgets respected (the device's including room to stream two offloaded layers; host memory's); every node fetches every byte its ranks read, and only files of the plan.
 - Names: the checkpoint's location (an absolute folder, or a Hub repo id and a commit sha), every file
   name (plain relative paths), every sha256 — as ``planning.confinement`` allows them. Whether the
   files are those of the checkpoint on disk is ``planning.plan_check``'s part.
@@ -19,12 +21,13 @@ node that executes a plan (its fetcher).
 from __future__ import annotations
 
 import math
-
 import os
 
 from planning.boxes import Box, box_numel, in_bounds, replace_dim
 from planning.confinement import check_commit, check_git_sha1, check_relative_name, check_repo_id, check_sha256
 from planning.errors import CheckpointError, PlanError
+from planning.offload import TIERS, stream_bytes, tier_bytes
+from planning.pipeline import layer_of
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
 from planning.source_expr import Fragment, covers
 
@@ -42,11 +45,11 @@ def validate_plan(plan) -> None:
     files = {f.name: f for f in plan.files}
     if len(plan.ranks) != plan.tp * plan.pp:
         raise PlanError(f"plan has {len(plan.ranks)} ranks, expected tp×pp = {plan.tp}×{plan.pp}")
+    if len(plan.budgets) != len(plan.ranks) or len(plan.cpu_budgets) not in (0, len(plan.ranks)):
+        raise PlanError(f"plan has {len(plan.budgets)} device and {len(plan.cpu_budgets)} cpu budgets for {len(plan.ranks)} ranks")
     for r in plan.ranks:
         _validate_rank(r, files)
-        budget = plan.budgets[r.rank]
-        if budget is not None and r.param_bytes > budget:
-            raise PlanError(f"rank {r.rank}: {r.param_bytes} bytes of parameters exceed its budget of {budget}")
+        _validate_offload(plan, r)
     _validate_ties(plan)
     _validate_coverage(plan)
     _validate_fetch(plan)
@@ -118,6 +121,31 @@ def _validate_rank(r, files) -> None:
             frags = [Fragment(i.tensor, i.src_box, i.dst_box, i.axes) for i in p.reads]
             if not covers(_held_box(p), frags):
                 raise PlanError(f"{where}: reads do not cover the local tensor exactly once")
+
+
+def _validate_offload(plan, r) -> None:
+    held = {p.name: p for p in r.params}
+    for p in r.params:
+        if p.offload is None:
+            continue
+        where = f"rank {r.rank}, {p.name}"
+        if p.offload not in TIERS:
+            raise PlanError(f"{where}: offload {p.offload!r}, expected one of {TIERS} or none (the device)")
+        if layer_of(p.name, plan.layers_path) is None:
+            raise PlanError(f"{where}: offloaded to {p.offload!r} but not a tensor of the layers of {plan.layers_path}")
+        if p.receive_from is not None:
+            raise PlanError(f"{where}: received from rank {p.receive_from}, so it cannot be offloaded")
+    for p in r.params:
+        if p.alias_of is not None and p.alias_of in held and held[p.alias_of].offload != p.offload:
+            raise PlanError(f"rank {r.rank}, {p.name}: offload {p.offload!r}, but the tensor it aliases is on {held[p.alias_of].offload!r}")
+    device, streamed = tier_bytes(r, None), stream_bytes(r, plan.layers_path)
+    budget = plan.budgets[r.rank]
+    if budget is not None and device + streamed > budget:
+        raise PlanError(f"rank {r.rank}: {device} bytes of parameters on its device plus {streamed} to stream offloaded "
+                        f"layers exceed its budget of {budget}")
+    cpu_budget = plan.cpu_budgets[r.rank] if plan.cpu_budgets else None
+    if cpu_budget is not None and tier_bytes(r, "cpu") > cpu_budget:
+        raise PlanError(f"rank {r.rank}: {tier_bytes(r, 'cpu')} bytes offloaded to host memory exceed its cpu budget of {cpu_budget}")
 
 
 def _validate_ties(plan) -> None:

@@ -141,6 +141,16 @@ class FileGuard:
                     guarded.readers -= 1
                     self._lock.notify_all()
 
+    def drop_pages(self, name: str, drop) -> bool:
+        """Call ``drop()`` (an ``madvise(MADV_DONTNEED)`` of pages that tensors view in a map of ``name``) only while
+        those pages still map the file, whose bytes then come back on the next touch; after a break they are
+        anonymous copies that dropping would zero. Returns whether it ran."""
+        with self._lock:  # a break waits for it (``_release`` takes the lock before detaching)
+            if name not in self._files:
+                return False
+            drop()
+            return True
+
     def changes(self) -> dict[str, int]:
         """File name → times its lease broke (it was opened for writing or truncated) so far."""
         with self._lock:

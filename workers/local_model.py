@@ -40,7 +40,7 @@ def rebuild_meta_model(plan: LoadPlan) -> torch.nn.Module:
     )
 
 
-def _install(model: torch.nn.Module, name: str, value: torch.Tensor, *, is_buffer: bool) -> None:
+def install(model: torch.nn.Module, name: str, value: torch.Tensor, *, is_buffer: bool) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     if is_buffer:
@@ -66,13 +66,13 @@ def build_local_model(
     consumed = set(dequantize_shards(plan, rank_plan, tensors, model))
     for p in rank_plan.params:
         if p.alias_of is None and not p.computed and p.name not in consumed:
-            _install(model, p.name, tensors[p.name], is_buffer=p.is_buffer)
+            install(model, p.name, tensors[p.name], is_buffer=p.is_buffer)
     initialised = [p for p in rank_plan.params if p.computed]
     for p in initialised:  # at full shape: the model's init sees the tensor transformers would initialise
-        meta = _get(model, p.name, is_buffer=p.is_buffer)
-        _install(model, p.name, torch.empty(p.full_shape, dtype=meta.dtype, device=device), is_buffer=p.is_buffer)
+        meta = get_tensor(model, p.name, is_buffer=p.is_buffer)
+        install(model, p.name, torch.empty(p.full_shape, dtype=meta.dtype, device=device), is_buffer=p.is_buffer)
     for name, buffer in list(model.named_non_persistent_buffers()):
-        _install(model, name, torch.empty_like(buffer, device=device), is_buffer=True)
+        install(model, name, torch.empty_like(buffer, device=device), is_buffer=True)
 
     # Initialise with the model's own init, touching nothing that was loaded (or lives on another stage).
     todo = {p.name for p in initialised} | {n for n, _ in model.named_non_persistent_buffers()}
@@ -86,20 +86,20 @@ def build_local_model(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(INIT_SEED)
         model.initialize_weights()
-    full = {p.name: _get(model, p.name, is_buffer=p.is_buffer).detach() for p in initialised}
+    full = {p.name: get_tensor(model, p.name, is_buffer=p.is_buffer).detach() for p in initialised}
     for p in initialised:
         value = full[p.tied_to] if p.tied_to is not None else full[p.name]  # a tie: the owner's value, as transformers ties
         if p.shard is not None or p.tied_to is not None:
-            _install(model, p.name, shard_of(value, p) if p.shard is not None else value.clone(), is_buffer=p.is_buffer)
-        tensors[p.name] = _get(model, p.name, is_buffer=p.is_buffer)
+            install(model, p.name, shard_of(value, p) if p.shard is not None else value.clone(), is_buffer=p.is_buffer)
+        tensors[p.name] = get_tensor(model, p.name, is_buffer=p.is_buffer)
     for p in rank_plan.params:
         if p.alias_of is not None:
-            _install(model, p.name, _get(model, p.alias_of, is_buffer=p.is_buffer), is_buffer=p.is_buffer)
+            install(model, p.name, get_tensor(model, p.alias_of, is_buffer=p.is_buffer), is_buffer=p.is_buffer)
             tensors[p.name] = tensors[p.alias_of]
     return model
 
 
-def _get(model: torch.nn.Module, name: str, *, is_buffer: bool) -> torch.Tensor:
+def get_tensor(model: torch.nn.Module, name: str, *, is_buffer: bool) -> torch.Tensor:
     return model.get_buffer(name) if is_buffer else model.get_parameter(name)
 
 

@@ -7,13 +7,15 @@ Lifecycle, each step a method the driver calls (with a timeout):
    the driver is still planning, importing transformers' model code meanwhile; ``attach(plan)`` then
    hands it the plan. With a plan, that import waits until the reads are done, so it never slows them.
 2. ``load(paths)`` — reads the rank's planned byte ranges into freshly allocated local tensors
-   (``workers.reader``); ``progress()`` can be polled meanwhile from another thread.
+   (``workers.reader``); ``progress()`` can be polled meanwhile from another thread. Tensors the plan
+   offloads go to host memory or stay on disk (``workers.offload_store``).
 3. ``tied_for(rank)`` / ``receive_tied(...)`` — a tied tensor read by one pipeline stage is handed to
    the stage that shares it, instead of being read twice.
 4. ``finalize()`` — builds the rank's transformers model around its tensors (``workers.local_model``),
    recomputes non-persistent buffers, and returns the ``RankReport``.
 5. For inference: ``pick_port()`` (rank 0: serves the rendezvous store on its node address),
-   ``init_inference(...)`` (every rank: process group, TP collectives, stage runner), then
+   ``init_inference(...)`` (every rank: process group, TP collectives, stage runner, and the streaming of
+   offloaded layers, ``workers.offload_stream``), then
    ``forward_step(...)`` per step; the KV cache stays on the rank. After a peer is lost: ``close()``
    (leave the group), then ``init_inference(...)`` again.
 6. Once inference is set up: ``decode(...)`` runs a whole generation on the rank (a model of one
@@ -38,13 +40,16 @@ from types import MappingProxyType
 import torch
 
 from planning.errors import CheckpointError
+from planning.offload import tier_bytes
 from planning.plan import LoadPlan, ParamPlan, ReadItem
 from planning.skeleton import parse_dtype
 from workers.decoding import Decoder, Decoding
 from workers.distributed import init_world, leave_world, listen_store
 from workers.file_guard import FileGuard
 from workers.fingerprint import fingerprint
-from workers.local_model import build_local_model, rebuild_meta_model
+from workers.local_model import build_local_model, get_tensor, install, rebuild_meta_model
+from workers.offload_store import OffloadStore
+from workers.offload_stream import LayerStreamer
 from workers.node_files import NodeFiles
 from workers.rank_context import RankContext
 from workers.reader import URING_DEPTH, CheckpointFiles, Progress, io_defaults, read_items, zero_copy_view
@@ -84,7 +89,8 @@ def allocate_params(params: list[ParamPlan], device: torch.device) -> dict[str, 
 class RankWorker:
     """See module docstring. ``plan`` may be a ``LoadPlan``, its JSON, or ``None``: then the rank starts
     before planning has finished (its imports overlap the driver's planning) and ``attach(plan)``
-    gives it the plan later."""
+    gives it the plan later. ``pin_offload``: page-lock tensors offloaded to host memory (default: when the
+    rank has a GPU)."""
 
     def __init__(
         self,
@@ -96,6 +102,7 @@ class RankWorker:
         staging_bytes: int | None = None,
         zero_copy: bool = True,
         device: str | None = None,
+        pin_offload: bool | None = None,
     ) -> None:
         self.rank = rank
         if num_threads:
@@ -117,6 +124,9 @@ class RankWorker:
         self._stop_decoding = threading.Event()  # decode() ends after its current step (an abandoned stream)
         self._store = None  # rank 0: the rendezvous store it serves (pick_port)
         self._guard = FileGuard()  # read leases on the files this rank maps (workers.file_guard)
+        self._pin_offload = pin_offload  # None: page-lock "cpu"-offloaded tensors when the rank has a GPU
+        self.offload: OffloadStore | None = None
+        self.streamer: LayerStreamer | None = None
         self.weights_ready_at = 0.0  # wall clock (epoch s) when the last read landed in the rank's storage
         # The device is readied at once, while the driver may still be planning: CUDA context, and the
         # page-locked staging buffers every read to the GPU goes through.
@@ -151,6 +161,8 @@ class RankWorker:
         self.io_threads = io_threads or default_threads
         self.staging_bytes = staging_bytes or default_staging
         self.progress = Progress(total=self.rank_plan.read_bytes)
+        pin = self.device.type == "cuda" if self._pin_offload is None else self._pin_offload
+        self.offload = OffloadStore(pin=pin, guard=self._guard)
         self.plan = plan
         self._attached.set()
 
@@ -199,18 +211,31 @@ class RankWorker:
         readable = [p for p in self.rank_plan.params if p.reads]
 
         def place(files: CheckpointFiles) -> list[tuple[ReadItem, torch.Tensor]]:
-            if self.device.type == "cpu" and self.zero_copy:
-                for p in readable:
+            for p in readable:
+                # Disk-offloaded tensors are views of the checkpoint wherever they can be; on CPU, with zero_copy,
+                # so are the device's (a "cpu"-offloaded tensor is a copy in host memory by definition).
+                if p.offload == "disk" or (p.offload is None and self.device.type == "cpu" and self.zero_copy):
                     view = zero_copy_view(files, p)
                     if view is not None:
                         self.tensors[p.name] = view
                         self._mapped.add(p.name)
                         self.progress.add(p.nbytes)
+                        if p.offload == "disk":
+                            self.offload.viewing(p.name, p.reads[0].file)
             to_read = [p for p in readable if p.name not in self._mapped]
-            self.tensors.update(allocate_params(to_read, self.device))
+            self.tensors.update(allocate_params([p for p in to_read if p.offload is None], self.device))
+            for p in to_read:
+                if p.offload == "cpu":
+                    self.tensors[p.name] = self.offload.host(p)
+                elif p.offload == "disk":  # a cast, a strided slice or padding: a file of the rank's own
+                    self.tensors[p.name] = self.offload.own_file(p.name, p.shape, parse_dtype(p.dtype))
+                    self._mapped.add(p.name)
             return [(item, self.tensors[p.name]) for p in to_read for item in p.reads]
 
         self._bytes_read = self._read(paths, place, staging=staging)
+        for p in readable:  # written, or mapped in by a neighbour's read (fault-around): out of resident memory
+            if p.offload == "disk":
+                self.offload.release(p.name, self.tensors[p.name])
         self.weights_ready_at = time.time()
         self._disk_read = io_counters().get("read_bytes", 0) - disk_before
         self._read_s = time.perf_counter() - self._t0
@@ -236,8 +261,15 @@ class RankWorker:
         """Open the plan's files (each checked by ``NodeFiles``, leased by the guard), read the jobs that
         ``jobs_for(files)`` returns, and refuse a file changed meanwhile; returns the bytes read."""
         with CheckpointFiles(paths, open_file=NodeFiles(self.plan).open, guard=self._guard) as files:
-            read_items(files, jobs_for(files), progress=self.progress, threads=self.io_threads,
+            jobs = jobs_for(files)
+            on_device = [job for job in jobs if job[1].device.type == self.device.type]
+            read_items(files, on_device, progress=self.progress, threads=self.io_threads,
                        staging_bytes=self.staging_bytes, staging=staging)
+            # Offloaded tensors in host memory (a GPU rank's "cpu"/"disk" tiers) are read on their own, never
+            # through the GPU's staging ring.
+            in_host = [job for job in jobs if job[1].device.type != self.device.type]
+            if in_host:
+                read_items(files, in_host, progress=self.progress, threads=self.io_threads)
             bytes_read = files.bytes_read
         changed = self._guard.changes()
         if changed:
@@ -311,6 +343,7 @@ class RankWorker:
         self.model = build_local_model(
             self.plan, self.rank_plan, self.tensors, self.device, meta_model=self._skeleton.pop("model")
         )
+        self._settle_offloaded()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         where = self.where()
@@ -333,6 +366,44 @@ class RankWorker:
             process_seconds=process_age_s(),
             weights_ready_at=self.weights_ready_at,
         )
+
+    def _settle_offloaded(self) -> None:
+        """Offloaded tensors made on the rank (initialised ones, absent from the checkpoint) moved to their tier."""
+        for p in self.rank_plan.params:
+            if p.offload is None or not p.owns_storage or not p.computed:
+                continue
+            moved = self.offload.settle(p, self.tensors[p.name])
+            install(self.model, p.name, moved, is_buffer=p.is_buffer)
+            self.tensors[p.name] = get_tensor(self.model, p.name, is_buffer=p.is_buffer)
+            if p.offload == "disk":
+                self._mapped.add(p.name)
+        for p in self.rank_plan.params:
+            if p.alias_of is not None and p.offload is not None:
+                self.tensors[p.name] = self.tensors[p.alias_of]
+
+    def placement(self) -> dict[str, str]:
+        """Where each tensor of the rank lives now: ``"device"``, ``"cpu"`` (host memory; ``"cpu-pinned"`` when
+        page-locked), ``"disk:checkpoint"`` (a view of the checkpoint file) or ``"disk:own"`` (a file of the rank's own)."""
+        out = {}
+        for p in self.rank_plan.params:
+            t = self.tensors.get(p.name)
+            if t is None:
+                continue
+            if p.offload == "disk":
+                out[p.name] = f"disk:{self.offload.kind(p.name)}"
+            elif p.offload == "cpu":
+                out[p.name] = "cpu-pinned" if t.is_pinned() else "cpu"
+            else:
+                out[p.name] = "device"
+        return out
+
+    def offload_stats(self) -> dict[str, int]:
+        """Bytes this rank offloads to host memory and to disk (of which in files of its own), and bytes its forward
+        has streamed to the device so far."""
+        own = self.offload.own_file_bytes if self.offload is not None else 0
+        streamed = self.streamer.streamed_bytes if self.streamer is not None else 0
+        return {"cpu_bytes": tier_bytes(self.rank_plan, "cpu"), "disk_bytes": tier_bytes(self.rank_plan, "disk"),
+                "own_file_bytes": own, "streamed_bytes": streamed}
 
     def local_state(self) -> dict[str, torch.Tensor]:
         """The rank's loaded tensors (CPU copies), by model name; padding included."""
@@ -392,6 +463,9 @@ class RankWorker:
         self._tp_group = GroupSlot(group)
         self._installed = apply_tensor_parallel(self.model, self.plan, self.rank_plan, self._tp_group)
         self.runner = StageRunner(self.model, self.plan, self.rank_plan)
+        if any(p.offload for p in self.rank_plan.params):
+            self.streamer = LayerStreamer(self.model, self.plan, self.rank_plan, device=self.device, store=self.offload,
+                                          tensors=self.tensors)
         return self._installed
 
     def forward_step(

@@ -119,7 +119,9 @@ class StageRunner:
         if not self.first:
             hidden = model.config.get_text_config().hidden_size
             dtype = parse_dtype(plan.dtype)
-            device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+            # the rank's device: offloaded layers' parameters rest in host memory, so prefer a non-CPU one
+            devices = {p.device for p in model.parameters() if p.device.type != "meta"}
+            device = next((d for d in devices if d.type != "cpu"), torch.device("cpu"))
             for mod_name in _top_modules(model, _names_before_layers(model, layers_path)):
                 parent, _, leaf = mod_name.rpartition(".")
                 setattr(model.get_submodule(parent), leaf, ZeroHidden(hidden, dtype, device))

@@ -19,7 +19,7 @@ Methods:
   host memory, streamed one layer ahead;
 - ``meshload-disk``: ``max_memory={"cuda": BUDGET}`` — layers past the budget mapped from the checkpoint
   file itself, streamed one layer ahead;
-- ``accelerate-cpu``: ``from_pretrained(device_map="auto", max_memory={0: BUDGET, "cpu": "1TiB"})``;
+- ``accelerate-cpu``: ``from_pretrained(device_map="auto", max_memory={0: BUDGET, "cpu": "1000GiB"})``;
 - ``accelerate-disk``: ``from_pretrained(device_map="auto", max_memory={0: BUDGET, "cpu": "1GiB"},
   offload_folder=...)`` — what does not fit goes to disk.
 
@@ -112,7 +112,7 @@ def run_accelerate(method: str, path: str, *, budget: str, device: str, new_toke
 
     if device != "cuda":
         raise SystemExit(f"{method} needs a GPU (accelerate offloads to a GPU's budget)")
-    cpu = {"accelerate-cpu": "1TiB", "accelerate-disk": "1GiB"}[method]
+    cpu = {"accelerate-cpu": "1000GiB", "accelerate-disk": "1GiB"}[method]  # accelerate parses no TiB
     folder = tempfile.mkdtemp(prefix="accelerate-offload-")
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="auto",

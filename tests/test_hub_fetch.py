@@ -34,6 +34,7 @@ from workers.fetcher import FetchOptions, NodeFetcher
 from workers.rank_worker import RankWorker
 
 SHARDED, SINGLE, PICKLE, MEDIUM = "org/tiny-llama", "org/tiny-single", "org/tiny-pickle", "org/medium-llama"
+MEDIUM_NEXT = "org/medium-llama-step1"  # MEDIUM's next training step: the same shapes, other values, other shards
 FAST = dict(backoff_s=0.01, max_backoff_s=0.05, max_attempts=3)
 
 
@@ -45,15 +46,15 @@ def repos(tmp_path_factory):
     out = {}
     sharded = checkpoints.llama(str(tmp_path_factory.mktemp("sharded")), tied=False)
     single = checkpoints.llama(str(tmp_path_factory.mktemp("single")), shard=None)
-    medium = checkpoints.llama(
-        str(tmp_path_factory.mktemp("medium")), hidden_size=64, intermediate_size=96, num_hidden_layers=2, head_dim=16, shard="40KB"
-    )
+    medium_shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, head_dim=16)
+    medium = checkpoints.llama(str(tmp_path_factory.mktemp("medium")), shard="40KB", **medium_shape)
+    medium_next = checkpoints.llama(str(tmp_path_factory.mktemp("medium-next")), shard="60KB", seed=1, **medium_shape)
     pickle_dir = str(tmp_path_factory.mktemp("pickle"))
     checkpoints.llama(pickle_dir, shard=None)
     state = {k: v for k, v in checkpoints.state_of(pickle_dir).items()}
     os.unlink(os.path.join(pickle_dir, "model.safetensors"))
     torch.save(state, os.path.join(pickle_dir, "pytorch_model.bin"))
-    for repo_id, path in ((SHARDED, sharded), (SINGLE, single), (MEDIUM, medium), (PICKLE, pickle_dir)):
+    for repo_id, path in ((SHARDED, sharded), (SINGLE, single), (MEDIUM, medium), (MEDIUM_NEXT, medium_next), (PICKLE, pickle_dir)):
         out[repo_id] = (path, checkpoints.state_of(path) if repo_id != PICKLE else None)
     return out
 
@@ -503,6 +504,26 @@ def test_tp2_over_two_nodes_each_fetches_only_its_bytes(hub, repos, cache_of, mo
     for cache in cache_of.values():
         assert_cache_sound(cache, hub, MEDIUM)
         assert os.listdir(os.path.join(repo_folder(cache, MEDIUM), "meshload-ranges"))
+    assert wait_until_clean() == ([], [])
+
+
+@pytest.mark.cluster
+def test_update_weights_from_the_hub_fetches_each_nodes_ranges_only(hub, repos, cache_of, monkeypatch):
+    """The next checkpoint of a Hub model read in place: each node fetches the ranges its ranks read of
+    the new repo (planning reads its headers), and the ranks end up with transformers' state of it."""
+    monkeypatch.setenv("MESHLOAD_FETCH", "ranges")
+    monkeypatch.setenv("MESHLOAD_FETCH_MAX_GAP", "0")
+    with orchestrator.load(MEDIUM, tp=2, nodes=2, progress=False, timeout_s=300) as m:
+        before = m.run(lambda ctx: {n: t.data_ptr() for n, t in ctx.params.items()})
+        hub.reset_log()
+        update = m.update_weights(MEDIUM_NEXT)
+        assert m.plan.model.source == MEDIUM_NEXT and m.plan.model.kind == "hub"
+        ckpt = m.plan.totals.checkpoint_bytes
+        assert hub.bytes_served() <= 1.1 * ckpt  # the new repo's headers and ranges: nothing twice, nothing of the old
+        assert update.bytes_read == tuple(r.read_bytes for r in m.plan.ranks)
+        assert 0 < sum(update.bytes_fetched) <= 1.1 * ckpt
+        assert m.run(lambda ctx: {n: t.data_ptr() for n, t in ctx.params.items()}) == before
+        checkpoints.assert_state_equal(m.full_state_dict(), repos[MEDIUM_NEXT][1])
     assert wait_until_clean() == ([], [])
 
 

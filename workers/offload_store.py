@@ -11,7 +11,9 @@
   (at shutdown, or when its process dies).
 
 After a disk tensor is written, and each time the forward has streamed it to the device, its pages are
-dropped from the rank's resident memory (``release``); they stay in the page cache, or on disk. For a
+dropped from the rank's resident memory (``release``); they stay in the page cache, or on disk. Linux may
+map a whole page-cache folio (up to ``folio_reach()`` bytes) when one page of it is touched, so reading a
+checkpoint view can map its neighbours' pages too: the streamer drops those as well. For a
 checkpoint view this goes through the rank's ``FileGuard``: if the file's lease broke, the view is
 anonymous memory now (``workers.file_guard``) and is left alone.
 
@@ -31,6 +33,17 @@ from planning.plan import ParamPlan
 from planning.skeleton import parse_dtype
 
 OFFLOAD_DIR_ENV = "MESHLOAD_OFFLOAD_DIR"
+
+
+def folio_reach() -> int:
+    """Bytes around a touched page that Linux may map with it: the largest page-cache folio, a PMD
+    (``hpage_pmd_size``; 2 MiB on x86-64). On kernels with large folios in the page cache (ext4 from 6.16,
+    xfs, tmpfs), touching one page of a file maps the whole folio holding it — neighbouring tensors' pages too."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 << 20
 
 
 def _madvise_dontneed(tensor: torch.Tensor) -> None:
@@ -81,6 +94,10 @@ class OffloadStore:
     def viewing(self, name: str, file: str) -> None:
         """``name`` is a zero-copy view of checkpoint file ``file``."""
         self._views[name] = file
+
+    def file_of(self, name: str) -> str | None:
+        """The checkpoint file that ``name`` is a view of (None if it is not one)."""
+        return self._views.get(name)
 
     def kind(self, name: str) -> str | None:
         """``"checkpoint"`` (a view of a checkpoint file), ``"own"`` (a file of the rank's own) or None."""

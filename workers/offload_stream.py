@@ -14,7 +14,9 @@ On a GPU the copies run on a stream of their own (from page-locked memory for "c
 overlaps the compute), and the compute stream waits for each layer's copies only when it reaches the
 layer. On the CPU the "device" is host memory with a budget: a copy is a clone, made on the background
 thread, so placement, budgets and the prefetch order are the same code CI runs. Disk tensors' pages are
-dropped from the rank's resident memory once copied (``OffloadStore.release``).
+dropped from the rank's resident memory once copied (``OffloadStore.release``), and so are those of the
+other offloaded views of the same file within a folio's reach of them (``folio_reach``): a kernel with
+large page-cache folios maps those along with the pages the copy read.
 
 Runs on every rank whose plan offloads something, around ``StageRunner`` (installed by ``RankWorker``).
 """
@@ -27,7 +29,7 @@ import torch
 
 from planning.pipeline import layer_of
 from planning.plan import LoadPlan, RankPlan
-from workers.offload_store import OffloadStore
+from workers.offload_store import OffloadStore, folio_reach
 
 
 class LayerStreamer:
@@ -48,6 +50,7 @@ class LayerStreamer:
             per_layer.setdefault(layer_of(p.name, plan.layers_path), []).append((p.name, holder[leaf], tensors[p.name]))
         self.order = sorted(per_layer)
         self._layers = per_layer
+        self._neighbours = self._file_neighbours(per_layer, folio_reach())
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshload-offload")
         self._pending: dict[int, Future] = {}
         self._resident: set[int] = set()  # layers whose device copies are in place
@@ -76,7 +79,31 @@ class LayerStreamer:
         for name, _, host in self._layers[i]:
             self.store.release(name, host)
             self.streamed_bytes += host.numel() * host.element_size()
+        for name, host in self._neighbours[i]:
+            self.store.release(name, host)
         return out, event
+
+    def _file_neighbours(self, per_layer, reach: int) -> dict[int, list[tuple[str, torch.Tensor]]]:
+        """Layer → the other layers' checkpoint views that lie within ``reach`` bytes of one of its own in the
+        same map of the same file (the pages that reading the layer may map along with its own)."""
+        by_file: dict[str | None, list[tuple[int, int, int, str, torch.Tensor]]] = {}
+        for i, entries in per_layer.items():
+            for name, _, host in entries:
+                file = self.store.file_of(name)
+                if file is not None and host.numel():
+                    start = host.data_ptr()
+                    by_file.setdefault(file, []).append((start, start + host.numel() * host.element_size(), i, name, host))
+        out: dict[int, dict[str, torch.Tensor]] = {i: {} for i in per_layer}
+        for views in by_file.values():
+            views.sort(key=lambda v: v[0])
+            for k, (start, end, i, _, _) in enumerate(views):
+                for other in views[k + 1:]:  # sorted by start: the first one beyond reach ends the search
+                    if other[0] - end >= reach:
+                        break
+                    if other[2] != i:
+                        out[i][other[3]] = other[4]
+                        out[other[2]][views[k][3]] = views[k][4]
+        return {i: list(d.items()) for i, d in out.items()}
 
     def _prefetch(self, i: int) -> None:
         if i not in self._pending and i not in self._resident:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
@@ -95,6 +96,7 @@ class LoadedModel:
         if self._inference_ready:
             return
         group = self._group
+        t0 = time.perf_counter()
         (address,) = group.call("pick_port", ranks=[0])
         ips = set(group.where.values())
         loopback = all(ip.startswith("127.") for ip in ips)
@@ -111,6 +113,7 @@ class LoadedModel:
         group.wait(self._inflight, what="init_inference", timeout_s=self.timeout_s)
         self._inflight = {}
         self._inference_ready = True
+        self.timings["inference set-up"] = time.perf_counter() - t0
 
     def _forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """One forward through every stage; returns the last stage's output (on the driver)."""

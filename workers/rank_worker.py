@@ -133,15 +133,18 @@ class RankWorker:
         self._staging = None
         self._device_ready = threading.Thread(target=self._ready_device, args=(device,), name="meshload-device", daemon=True)
         self._device_ready.start()
-        # Importing transformers' model code takes seconds in a fresh process. Without a plan yet, the
-        # import overlaps the driver's planning; with one, it waits until the reads are done, so it never
-        # competes with them (the module is built around the weights, not before them).
+        # Importing transformers' model code takes seconds in a fresh process (3-4 s of CPU: it imports
+        # torch.distributed.tensor, dynamo, sympy). Without a plan yet, the import overlaps the driver's
+        # planning. With one (a cached plan), a GPU rank starts it at once too: its reads are DMA and
+        # io_uring that hold no GIL, so the import runs beside the CUDA context, the fetch and the reads
+        # (on an H200 the reads of an 8B take 0.7 s, the import 3-4 s). A CPU rank's reads are copies on
+        # the same few cores: there the import waits until they are done, so it never competes with them.
         self._skeleton: dict = {}
         self._attached = threading.Event()
         self._skeleton_thread = threading.Thread(target=self._prebuild, name="meshload-skeleton", daemon=True)
         if plan is not None:
             self._set_plan(plan)
-        else:
+        if plan is None or device == "cuda":
             self._skeleton_thread.start()
 
     def attach(self, plan: LoadPlan | str) -> None:
@@ -184,10 +187,14 @@ class RankWorker:
 
     def _prebuild(self) -> None:
         try:
+            t0 = time.perf_counter()
             import transformers.modeling_utils  # noqa: F401 - the bulk of the import time, needed by any model
 
+            self._skeleton["import_s"] = time.perf_counter() - t0
             self._attached.wait()  # attach() comes with the constructor or from a later call
+            t0 = time.perf_counter()
             self._skeleton["model"] = rebuild_meta_model(self.plan)
+            self._skeleton["meta_s"] = time.perf_counter() - t0
         except BaseException as exc:  # noqa: BLE001 - re-raised by finalize, on the caller's thread
             self._skeleton["error"] = exc
 
@@ -363,6 +370,8 @@ class RankWorker:
             disk_read_bytes=self._disk_read,
             read_seconds=self._read_s,
             build_seconds=time.perf_counter() - t_build,
+            import_seconds=self._skeleton.get("import_s", 0.0),
+            skeleton_seconds=self._skeleton.get("meta_s", 0.0),
             process_seconds=process_age_s(),
             weights_ready_at=self.weights_ready_at,
         )

@@ -28,7 +28,9 @@ class RankReport:
     restarts: int = 0  # times the driver restarted this rank's actor during the load
     disk_read_bytes: int = 0  # bytes the rank's process fetched from storage while reading (0: all from page cache)
     read_seconds: float = 0.0  # of ``seconds``: reading the planned ranges
-    build_seconds: float = 0.0  # of ``seconds``: building the local model (and buffers)
+    build_seconds: float = 0.0  # of ``seconds``: building the local model (and buffers), waiting for the skeleton included
+    import_seconds: float = 0.0  # importing transformers' model code, on a background thread of the rank
+    skeleton_seconds: float = 0.0  # building the meta-device model from the plan, on the same thread
     process_seconds: float = 0.0  # the rank process's age at ready: its start and imports included
     weights_ready_at: float = 0.0  # wall clock (epoch seconds) when the rank's last read landed on its device
 

@@ -17,9 +17,11 @@ Runs on the driver.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -153,7 +155,7 @@ def load(
         node_of_rank = node_blocks(tp * pp, nodes)  # the plan places its ranks with node_blocks too
     phases.mark("resolve")
     ranks_per_node = max(node_of_rank.count(n) for n in range(nodes))
-    connection = group = None
+    connection = group = driver_torch = None
     try:
         connection = connect(
             address,
@@ -175,6 +177,7 @@ def load(
             plan=planning.ready(),  # a plan known already goes with the ranks' constructor
         )
         phases.mark("start ranks")
+        driver_torch = _import_torch_meanwhile(device)
         if not group.attached:
             load_plan = planning.result()
             phases.mark("plan")
@@ -188,6 +191,8 @@ def load(
         phases.mark("fetch")
         reports = materialize(load_plan, group, files, progress=progress)
         phases.mark("materialize")
+        if driver_torch is not None:
+            driver_torch.join()
         return LoadedModel(load_plan, [reports[r] for r in group.ranks], group, connection, files=files, timeout_s=timeout_s,
                            timings=phases.seconds, plan_cached=planning.cached,
                            rank_files=lambda new_plan: _rank_files(new_plan, group, fetch_options, progress=False,
@@ -200,6 +205,8 @@ def load(
         finally:
             if connection is not None:
                 connection.close()
+            if driver_torch is not None:  # not left importing while the interpreter exits
+                driver_torch.join()
         # A bad input found by planning is the error to report, not what it interrupted (an
         # unreachable cluster, a placement that cannot be met): let planning finish and prefer its error.
         failed = None if isinstance(exc, KeyboardInterrupt) else planning.wait_error()
@@ -301,6 +308,18 @@ class PhaseClock:
         now = time.perf_counter()
         self.seconds[phase] = now - self._last
         self._last = now
+
+
+def _import_torch_meanwhile(device: str) -> threading.Thread | None:
+    """On a GPU load, import torch on a thread of the driver while it waits for the ranks: the first
+    ``logits()``/``generate()`` needs it (tensors in and out), and a driver given a cached plan has not
+    imported it yet (2-3 s on an H200 host, which the first logits paid after ready). A CPU load leaves
+    it: there the ranks' reads need the same few cores."""
+    if device != "cuda" or "torch" in sys.modules:
+        return None
+    thread = threading.Thread(target=importlib.import_module, args=("torch",), name="meshload-driver-torch", daemon=True)
+    thread.start()
+    return thread
 
 
 def _rank_env(connection) -> dict[str, str]:

@@ -90,37 +90,3 @@ def test_worker_without_a_plan(ckpt):
         w.finalize()
     checkpoints.assert_state_equal(assemble_state_dict(plan, {w.rank: w.local_state() for w in workers}), oracle)
 
-
-def test_a_gpu_rank_given_its_plan_builds_the_skeleton_beside_its_reads_a_cpu_rank_after_them(ckpt, monkeypatch):
-    """The skeleton (transformers' import, the meta model) starts with the rank when it runs on a GPU (reads
-    there hold no GIL), after the reads on a CPU rank (they would compete for its cores). Seen from inside:
-    the skeleton thread is held at its first step, and whether the rank's constructor has reached it is
-    what the policy decides. The GPU rank runs here on the CPU (its device readiness fails, as it would
-    without CUDA; only the start of its skeleton is looked at)."""
-    import threading
-
-    import workers.rank_worker as rank_worker
-
-    path, _ = ckpt
-    plan = orchestrator.plan(path)
-    entered, release = threading.Event(), threading.Event()
-    real = rank_worker.rebuild_meta_model
-
-    def held(p):
-        entered.set()
-        release.wait(30)
-        return real(p)
-
-    monkeypatch.setattr(rank_worker, "rebuild_meta_model", held)
-    try:
-        RankWorker(plan, 0, device="cuda")
-        assert entered.wait(30), "a GPU rank given its plan did not start its skeleton at once"
-    finally:
-        release.set()
-    entered.clear()
-    cpu = RankWorker(plan, 0)
-    assert not entered.wait(1.0), "a CPU rank started its skeleton before its reads"
-    cpu.load({f.name: os.path.join(path, f.name) for f in plan.files})
-    assert entered.wait(30)
-    report = cpu.finalize()
-    assert report.skeleton_seconds > 0 and report.import_seconds >= 0

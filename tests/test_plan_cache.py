@@ -136,6 +136,24 @@ with orchestrator.load({path!r}, tp=2, nodes=2, progress=False, plan_cache={str(
     assert wait_until_clean() == ([], [])
 
 
+
+def test_a_gpu_load_imports_torch_on_the_driver_while_the_ranks_load_a_cpu_load_does_not():
+    """On a GPU load the driver imports torch on a thread while it waits for the ranks (the first logits need
+    it); on a CPU load it does not (the ranks' reads need the cores). In a fresh interpreter, as a driver."""
+    script = """
+import json, sys
+import orchestrator.api as api
+cpu = api._import_torch_meanwhile("cpu")
+before = "torch" in sys.modules
+thread = api._import_torch_meanwhile("cuda")
+thread.join()
+print("RESULT " + json.dumps([cpu is None, before, thread.name, "torch" in sys.modules,
+                              api._import_torch_meanwhile("cuda") is None]))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.split("RESULT ", 1)[1]) == [True, False, "meshload-driver-torch", True, True]
+
 def test_a_changed_checkpoint_is_planned_again_not_loaded_from_a_stale_plan(ray_cluster, ckpt, tmp_path):
     path = shutil.copytree(ckpt[0], str(tmp_path / "ckpt"))
     cache = tmp_path / "plans"

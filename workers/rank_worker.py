@@ -133,18 +133,17 @@ class RankWorker:
         self._staging = None
         self._device_ready = threading.Thread(target=self._ready_device, args=(device,), name="meshload-device", daemon=True)
         self._device_ready.start()
-        # Importing transformers' model code takes seconds in a fresh process (3-4 s of CPU: it imports
-        # torch.distributed.tensor, dynamo, sympy). Without a plan yet, the import overlaps the driver's
-        # planning. With one (a cached plan), a GPU rank starts it at once too: its reads are DMA and
-        # io_uring that hold no GIL, so the import runs beside the CUDA context, the fetch and the reads
-        # (on an H200 the reads of an 8B take 0.7 s, the import 3-4 s). A CPU rank's reads are copies on
-        # the same few cores: there the import waits until they are done, so it never competes with them.
+        # Importing transformers' model code takes seconds in a fresh process (on an H200 host 6-7 s: it
+        # imports torch.distributed.tensor, dynamo, sympy). Without a plan yet, the import overlaps the
+        # driver's planning. With one (a cached plan), it waits until the reads are done: run beside them it
+        # holds the GIL that the read loop needs between chunks — measured on an H200, an 8B's reads went
+        # from 0.7 s to 6.5 s and the load got slower overall (docs/BENCHMARKS.md).
         self._skeleton: dict = {}
         self._attached = threading.Event()
         self._skeleton_thread = threading.Thread(target=self._prebuild, name="meshload-skeleton", daemon=True)
         if plan is not None:
             self._set_plan(plan)
-        if plan is None or device == "cuda":
+        else:
             self._skeleton_thread.start()
 
     def attach(self, plan: LoadPlan | str) -> None:

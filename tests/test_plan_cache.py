@@ -100,6 +100,7 @@ def test_a_folder_that_cannot_be_written_is_not_fatal(ckpt, tmp_path, caplog):
     assert f"the plan cannot be cached in {blocker / 'plans'}" in caplog.text
 
 
+@pytest.mark.cluster
 def test_a_new_driver_reuses_the_plan_and_imports_neither_torch_nor_transformers(ray_cluster, ckpt, tmp_path, monkeypatch):
     path, oracle = ckpt
     cache = tmp_path / "plans"
@@ -138,6 +139,7 @@ with orchestrator.load({path!r}, tp=2, nodes=2, progress=False, plan_cache={str(
     assert wait_until_clean() == ([], [])
 
 
+@pytest.mark.cluster
 def test_a_changed_checkpoint_is_planned_again_not_loaded_from_a_stale_plan(ray_cluster, ckpt, tmp_path):
     path = shutil.copytree(ckpt[0], str(tmp_path / "ckpt"))
     cache = tmp_path / "plans"

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planning.errors import PlanError
+from planning.families import KV_NAMES, QUERY_NAMES
 from planning.shard import Shard
 from planning.skeleton import HeadLayout, TensorSpec
 
@@ -53,10 +54,6 @@ STYLES: dict[str, StyleRule] = {
     "mla_kv_a_proj": StyleRule(None),
     "local_params": StyleRule(None),
 }
-
-QUERY_NAMES = frozenset({"q_proj", "query", "q", "wq"})
-KV_NAMES = frozenset({"k_proj", "v_proj", "key", "value", "k", "v", "wk", "wv"})
-
 
 def split_style(style: str) -> tuple[str, str | None]:
     """``"packed_colwise:qkv"`` → ``("packed_colwise", "qkv")``."""

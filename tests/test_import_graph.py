@@ -24,8 +24,9 @@ KNOWN = {frozenset({"planning.planner", "planning.hub_index"})}
 def _modules() -> dict[str, Path]:
     out = {}
     for package in PACKAGES:
-        for path in sorted((ROOT / package).glob("*.py")):
-            out[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return out
 
 
@@ -107,6 +108,8 @@ def test_the_graph_sees_imports_inside_functions():
     # planning.checkpoint imports planning.pickle_checkpoint only inside build_local_index.
     assert "planning.pickle_checkpoint" in graph["planning.checkpoint"]
     assert "planning.plan" in graph["planning.build"]
+    # subpackages too: the family registry imports each family module
+    assert "planning.families.gpt2" in graph["planning.families"]
 
 
 def test_no_import_cycles():

@@ -13,9 +13,11 @@ style's ``runtime``:
 - ``vocab_parallel_embedding`` (``embedding_rowwise``): ids outside this rank's vocabulary rows are
   looked up as row 0 and zeroed (masked lookup), then the partial embeddings are all-reduced.
 
-Attention modules whose projections are split by heads get their head counts fixed (``num_heads``,
-``num_key_value_heads``, ``num_key_value_groups``, GPT-2's ``split_size``, and a local config copy for
-code that reads ``config.num_attention_heads``), including the GQA case where KV heads are replicated.
+The style's ``runtime`` picks its installer from one table (``RUNTIMES``). Attention modules whose
+projections are split by heads (their names, separate or fused, from ``planning.families``) get their
+head counts fixed (``num_heads``, ``num_key_value_heads``, ``num_key_value_groups``, the families'
+head-sized attributes such as GPT-2's ``split_size``, and a local config copy for code that reads
+``config.num_attention_heads``), including the GQA case where KV heads are replicated.
 
 Runs on every rank, after the local model is built and before the first forward.
 """

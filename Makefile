@@ -26,12 +26,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m orchestrator.demo
 
+# --durations=30: the slowest tests, printed at the end (CI's log shows where the time goes).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
-# Unit tests only (no Ray cluster).
+# Unit tests only: no Ray cluster starts (tests/conftest.py fails the run if one does).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not cluster and not destructive"
+	MESHLOAD_TEST_NO_RAY=1 $(PY) -m pytest -q -m "not cluster and not destructive"
 
 # meshload vs transformers' TP load, single-process from_pretrained and a naive loader, on a seeded
 # 1.1B-parameter bf16 Llama; results in bench-out/ (see docs/BENCHMARKS.md).

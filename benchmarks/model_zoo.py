@@ -131,14 +131,14 @@ def architectures() -> list[Arch]:
     from transformers import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from planning.tp_plans import MESHLOAD_PLANS
+    from planning.families import BY_MODEL_TYPE
 
     out = []
     for model_type, class_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
         if model_type not in CONFIG_MAPPING:
             continue
         declared = getattr(CONFIG_MAPPING[model_type], "base_model_tp_plan", None)
-        if declared or model_type in MESHLOAD_PLANS:
+        if declared or model_type in BY_MODEL_TYPE:
             out.append(Arch(model_type, class_name if isinstance(class_name, str) else class_name[0]))
     return sorted(out, key=lambda a: a.model_type)
 

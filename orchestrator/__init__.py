@@ -9,6 +9,7 @@
 from orchestrator.api import load, plan
 from orchestrator.loaded_model import LoadedModel
 from planning.errors import CheckpointError, ConfigError, ConversionError, MeshloadError, PlanError
+from planning.plan_json import plan_from_json, plan_to_json
 
 __all__ = [
     "CheckpointError",
@@ -19,4 +20,6 @@ __all__ = [
     "PlanError",
     "load",
     "plan",
+    "plan_from_json",
+    "plan_to_json",
 ]

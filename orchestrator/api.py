@@ -30,7 +30,8 @@ from orchestrator.cluster import connect
 from orchestrator.loaded_model import LoadedModel
 from orchestrator.materialize import materialize
 from orchestrator.rank_group import RankGroup
-from planning.plan import LoadPlan, node_blocks
+from planning.build import node_blocks
+from planning.plan import LoadPlan
 from planning.plan_cache import PlanCache, plan_key
 from planning.plan_check import check_plan_matches
 from planning.planner import check_options, check_topology, make_plan, resolve_model, resolve_plan_checkpoint

@@ -10,8 +10,12 @@ import argparse
 import json
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from planning.errors import MeshloadError
+
+if TYPE_CHECKING:
+    from planning.plan import LoadPlan
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -97,6 +101,7 @@ def _plan_kwargs(args) -> dict:
 
 def cmd_plan(args) -> int:
     from orchestrator.api import plan
+    from planning.plan_json import plan_to_json
     from planning.summary import offload_table, rank_table, totals_text
 
     load_plan = plan(args.model, **_plan_kwargs(args))
@@ -106,7 +111,7 @@ def cmd_plan(args) -> int:
         write_picture(load_plan, args.svg)
         print(f"plan picture written to {args.svg}", file=sys.stderr)
     if args.json:
-        print(load_plan.to_json(indent=2))
+        print(plan_to_json(load_plan, indent=2))
         return 0
     print(totals_text(load_plan))
     print()
@@ -120,7 +125,7 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _print_keys(load_plan) -> None:
+def _print_keys(load_plan: LoadPlan) -> None:
     """What transformers would report about the checkpoint's keys (not loaded, initialised), if anything."""
     lines = load_plan.keys.lines()
     if lines:
@@ -142,6 +147,7 @@ def parse_ids(text: str) -> list[list[int]]:
 def cmd_load(args) -> int:
     from orchestrator.api import load
     from orchestrator.report_view import report_table
+    from planning.plan_json import plan_to_json
 
     kwargs = _plan_kwargs(args)
     plan_cache = {None: True, "off": False}.get(args.plan_cache, args.plan_cache)
@@ -153,7 +159,7 @@ def cmd_load(args) -> int:
         _print_keys(m.plan)
         if args.report:
             with open(args.report, "w", encoding="utf-8") as f:
-                json.dump({"plan": json.loads(m.plan.to_json()), "report": [r.as_dict() for r in m.report]}, f, indent=2)
+                json.dump({"plan": json.loads(plan_to_json(m.plan)), "report": [r.as_dict() for r in m.report]}, f, indent=2)
             print(f"report written to {args.report}")
         if args.input_ids:
             import torch

@@ -2,6 +2,7 @@
 
 from planning.errors import CheckpointError, ConfigError, ConversionError, MeshloadError, PlanError
 from planning.plan import LoadPlan, ParamPlan, RankPlan, ReadItem
+from planning.plan_json import plan_from_json, plan_to_json
 from planning.planner import make_plan, resolve_model
 
 __all__ = [
@@ -15,5 +16,7 @@ __all__ = [
     "RankPlan",
     "ReadItem",
     "make_plan",
+    "plan_from_json",
+    "plan_to_json",
     "resolve_model",
 ]

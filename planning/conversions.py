@@ -3,7 +3,7 @@
 transformers v5 declares, per model family, how checkpoint names and layouts become module names
 and layouts (``WeightRenaming``, and ``WeightConverter`` with ops such as ``MergeModulelist``,
 ``Concatenate``, ``Chunk``, ``Split``, ``Transpose``). We use those declarations — and
-``MESHLOAD_CONVERSIONS``, written with the same classes, for layouts transformers does not know — but
+the family registry's and users' (``register_conversion``), written with the same classes, for layouts transformers does not know — but
 instead of running the ops on loaded tensors, we turn each converted parameter into a
 ``planning.source_expr`` expression, so that planning can map any shard back to source byte ranges.
 
@@ -23,22 +23,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planning.checkpoint import CheckpointIndex
+from planning.checkpoint_index import CheckpointIndex
 from planning.errors import ConversionError
+from planning.families import family_of
 from planning.key_report import KeyReport, classify
 from planning.quantization import Quantization, layout_quantizer
 from planning.skeleton import Skeleton
 from planning.source_expr import Cat, Expr, Narrow, Source, Stack, Transpose, check_expr, shape_of, sources_of
 
-# Layouts transformers does not declare, in transformers' own spelling. Keyed by model_type.
-# Users add theirs with ``register_conversion`` (same spelling as transformers'
-# ``register_checkpoint_conversion_mapping``).
+# Layouts transformers does not declare, in transformers' own spelling: a family's own (``planning.families``),
+# then the user's, added with ``register_conversion`` (same spelling as transformers'
+# ``register_checkpoint_conversion_mapping``), keyed by model_type.
 MESHLOAD_CONVERSIONS: dict[str, list] = {}
 
 
 def register_conversion(model_type: str, transforms: list) -> None:
     """Add ``WeightRenaming``/``WeightConverter`` entries for checkpoints of ``model_type``."""
     MESHLOAD_CONVERSIONS.setdefault(model_type, []).extend(transforms)
+
+
+def extra_conversions(model_type: str) -> list:
+    """The conversions meshload adds to transformers' for ``model_type``: its family's, then the user's."""
+    family = family_of(model_type)
+    return [*(family.conversions if family is not None else ()), *MESHLOAD_CONVERSIONS.get(model_type, [])]
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ def _transforms(model, renamings: dict[str, str] | None, quantization: Quantizat
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     transforms = get_model_conversion_mapping(model, key_mapping=renamings)
-    transforms.extend(MESHLOAD_CONVERSIONS.get(model.config.model_type, []))
+    transforms.extend(extra_conversions(model.config.model_type))
     if quantization is not None:  # scales follow their weights (e.g. per-expert scales merged like the experts)
         transforms = layout_quantizer(quantization).update_weight_conversions(transforms, model)
     return transforms
@@ -76,7 +83,7 @@ def build_source_map(
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
     targets = skeleton.by_name
-    if not renamings and not MESHLOAD_CONVERSIONS.get(skeleton.model_type) and set(index.tensors) <= set(targets):
+    if not renamings and not extra_conversions(skeleton.model_type) and set(index.tensors) <= set(targets):
         # Every checkpoint key already names a model tensor (what save_pretrained writes for most families):
         # no renaming or conversion can apply, so skip building transformers' table of all families (~0.2 s).
         exprs = {k: Source(k, e.shape, e.dtype) for k, e in index.tensors.items()}

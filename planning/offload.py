@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 
 from planning.errors import PlanError
 from planning.pipeline import layer_of
+from planning.plan import RankPlan
 
 TIERS = ("cpu", "disk")  # ParamPlan.offload values; None: on the rank's device
 
@@ -148,7 +149,7 @@ def _longest_prefix(name: str, table: dict) -> str | None:
     return best
 
 
-def place_rank(rank_plan, *, budget: RankBudget, tiers: dict[str, str | None], layers_path: str | None):
+def place_rank(rank_plan: RankPlan, *, budget: RankBudget, tiers: dict[str, str | None], layers_path: str | None) -> RankPlan:
     """``rank_plan`` with each parameter's ``offload`` set (see module docstring), or a ``PlanError`` naming the
     rank, its budgets and what does not fit."""
     if not tiers and (budget.device is None or rank_plan.param_bytes <= budget.device):
@@ -237,12 +238,12 @@ def _spill(where, tier, free, free_bytes, fixed, staying, budget: RankBudget, la
             tier[p.name] = chosen
 
 
-def tier_bytes(rank_plan, tier: str | None) -> int:
+def tier_bytes(rank_plan: RankPlan, tier: str | None) -> int:
     """Bytes of storage ``rank_plan`` holds on its device (``tier=None``), in host memory ("cpu") or on disk."""
     return sum(p.nbytes for p in rank_plan.params if p.owns_storage and p.offload == tier)
 
 
-def offloaded_layers(rank_plan, layers_path: str | None) -> dict[int, dict[str, int]]:
+def offloaded_layers(rank_plan: RankPlan, layers_path: str | None) -> dict[int, dict[str, int]]:
     """Per offloaded layer of ``rank_plan``: bytes per tier ("cpu", "disk")."""
     out: dict[int, dict[str, int]] = {}
     for p in rank_plan.params:
@@ -252,14 +253,14 @@ def offloaded_layers(rank_plan, layers_path: str | None) -> dict[int, dict[str, 
     return out
 
 
-def stream_bytes(rank_plan, layers_path: str | None) -> int:
+def stream_bytes(rank_plan: RankPlan, layers_path: str | None) -> int:
     """Device room the forward needs to stream offloaded layers: two layers (the running one and the prefetched
     next one), each the largest's offloaded bytes; 0 when nothing is offloaded."""
     layers = offloaded_layers(rank_plan, layers_path)
     return 2 * max((sum(t.values()) for t in layers.values()), default=0)
 
 
-def layer_tiers(rank_plan, layers_path: str | None) -> dict[str, list[int]]:
+def layer_tiers(rank_plan: RankPlan, layers_path: str | None) -> dict[str, list[int]]:
     """Which layers of ``rank_plan`` live where: "device" (every tensor on the device), "cpu", "disk" (a layer
     with tensors in both counts under each), in order."""
     offloaded = offloaded_layers(rank_plan, layers_path)

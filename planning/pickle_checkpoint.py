@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import zipfile
 
-from planning.checkpoint import CheckpointFile, CheckpointIndex, TensorEntry, load_weight_map
+from planning.checkpoint_index import CheckpointFile, CheckpointIndex, TensorEntry
 from planning.confinement import confined_path
 from planning.errors import CheckpointError
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
@@ -84,13 +84,10 @@ def _file_entries(path: str, name: str) -> tuple[dict[str, TensorEntry], int]:
     return entries, size
 
 
-def build_pickle_index(root: str, *, kind: str, entry: str) -> CheckpointIndex:
-    """Index ``pytorch_model.bin`` or a sharded ``pytorch_model.bin.index.json`` checkpoint."""
-    if kind == "pickle-index":
-        weight_map = load_weight_map(os.path.join(root, entry))
-        names = sorted(set(weight_map.values()))
-    else:
-        weight_map, names = None, [entry]
+def build_pickle_index(root: str, *, entry: str, weight_map: dict[str, str] | None) -> CheckpointIndex:
+    """Index ``pytorch_model.bin`` (``weight_map`` None) or a sharded checkpoint, whose
+    ``pytorch_model.bin.index.json`` (``entry``) maps tensors to files as ``weight_map`` (read by the caller)."""
+    names = sorted(set(weight_map.values())) if weight_map is not None else [entry]
     tensors: dict[str, TensorEntry] = {}
     files = []
     for name in names:

@@ -13,7 +13,7 @@ is stored under a key made of:
 
 A file rewritten with the same header keeps its key (the plan only holds byte ranges, which are the
 same); a changed header, config or option is a new key. An entry is a plan's JSON, read back through
-``LoadPlan.from_json`` (which validates it); an unreadable entry is reported, replaced, and never
+``planning.plan_json.plan_from_json`` (which validates it); an unreadable entry is reported, replaced, and never
 fatal, as is a folder that cannot be written.
 
 An entry is a file anyone who can write the folder could have put there, so it is trusted no more
@@ -106,7 +106,7 @@ class PlanCache:
     def get(self, key: str, *, check=None):
         """The cached plan, or None (absent; unreadable, or refused by ``check(plan)``: then it is reported
         and removed; not this user's: reported and left alone)."""
-        from planning.plan import LoadPlan
+        from planning.plan_json import plan_from_json
 
         path = self.path(key)
         try:
@@ -128,7 +128,7 @@ class PlanCache:
             log.warning("meshload: plan cache entry %s cannot be read (%s); planning again", path, exc)
             return None
         try:
-            plan = LoadPlan.from_json(text)
+            plan = plan_from_json(text)
             if check is not None:
                 check(plan)
         except Exception as exc:  # noqa: BLE001 - whatever is wrong with an entry, planning again fixes it
@@ -146,13 +146,15 @@ class PlanCache:
 
     def put(self, key: str, plan) -> Path | None:
         """Store ``plan`` under ``key`` (atomically: a reader sees the old entry or the whole new one)."""
+        from planning.plan_json import plan_to_json
+
         path = self.path(key)
         try:
             self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{key[:16]}.", suffix=".tmp")
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(plan.to_json())
+                    f.write(plan_to_json(plan))
                 os.replace(tmp, path)
             except BaseException:
                 os.unlink(tmp)

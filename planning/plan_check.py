@@ -1,6 +1,6 @@
 """Does a plan belong to the checkpoint it names? Checked before anything runs.
 
-A plan that was not made by this process a moment ago — one read back with ``LoadPlan.from_json``, or
+A plan that was not made by this process a moment ago — one read back with ``planning.plan_json.plan_from_json``, or
 found in the plan cache (a folder that other users may be able to write) — names a location, files and
 byte ranges that ranks will open and node fetchers will create and delete. ``planning.validate`` checks
 that such a plan agrees with itself and that its names are well formed; this module checks that it
@@ -21,10 +21,16 @@ Pure; runs on the driver (``orchestrator.api.load``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from planning.errors import PlanError
+from planning.plan import LoadPlan
+
+if TYPE_CHECKING:
+    from planning.planner import ResolvedModel
 
 
-def check_plan_matches(plan, resolved, *, options: dict | None = None) -> None:
+def check_plan_matches(plan: LoadPlan, resolved: ResolvedModel, *, options: dict | None = None) -> None:
     """Refuse ``plan`` unless it is a plan of ``resolved`` (a ``planning.planner.ResolvedModel``) as the module
     docstring says; ``options`` (tp, pp, nodes, device, attn_implementation): also those of the plan, and
     the config too (a plan cache entry)."""

@@ -19,6 +19,8 @@ import typing
 from functools import cache
 
 from planning.errors import PlanError
+from planning.plan import PLAN_FORMAT_VERSION, LoadPlan
+from planning.validate import validate_plan
 
 
 @cache
@@ -74,14 +76,13 @@ def _decode(tp, value):
     return value
 
 
-def plan_to_json(plan, *, indent: int | None = None) -> str:
+def plan_to_json(plan: LoadPlan, *, indent: int | None = None) -> str:
+    """The plan as JSON text (what ``plan_from_json`` reads back)."""
     return json.dumps(_encode(plan), indent=indent, sort_keys=False)
 
 
-def plan_from_json(text: str):
-    from planning.plan import PLAN_FORMAT_VERSION, LoadPlan
-    from planning.validate import validate_plan
-
+def plan_from_json(text: str) -> LoadPlan:
+    """A plan read back from JSON, its types and its version checked, then validated (``planning.validate``)."""
     try:
         data = json.loads(text)
     except (TypeError, ValueError) as exc:

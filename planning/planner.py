@@ -21,7 +21,8 @@ from planning.errors import CheckpointError, ConfigError, ConversionError, PlanE
 from planning.pipeline import assign_stages
 from planning.quantization import quantization_of, scale_owner
 from planning.offload import rank_budgets, split_device_map
-from planning.plan import LoadPlan, ModelRef, PlanInputs, build_plan, node_blocks
+from planning.build import PlanInputs, build_plan, node_blocks
+from planning.plan import LoadPlan, ModelRef
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
 from planning.skeleton import (
     attention_of,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from planning.errors import ConfigError, PlanError
-from planning.tp_styles import Shard
+from planning.shard import Shard
 
 if TYPE_CHECKING:
     from transformers.utils.quantization_config import QuantizationConfigMixin

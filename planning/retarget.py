@@ -24,7 +24,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from planning.errors import PlanError
-from planning.plan import LoadPlan, _node_plans
+from planning.build import node_plans
+from planning.plan import LoadPlan
 from planning.plan_check import check_plan_matches
 from planning.validate import validate_plan
 
@@ -73,7 +74,7 @@ def retarget_plan(plan: LoadPlan, resolved) -> LoadPlan:
         config=resolved.config_dict, checkpoint_format=resolved.index.format,
     )
     new = replace(
-        plan, model=model, ranks=ranks, nodes=_node_plans(ranks, plan.num_nodes, resolved.index), files=resolved.index.files,
+        plan, model=model, ranks=ranks, nodes=node_plans(ranks, plan.num_nodes, resolved.index), files=resolved.index.files,
         totals=replace(plan.totals, checkpoint_bytes=resolved.index.total_bytes),
     )
     validate_plan(new)

@@ -4,8 +4,9 @@ transformers declares a plan per family (``config.base_model_tp_plan`` plus the 
 ``_tp_plan``; the resolved ``model._tp_plan`` has full names). Some families declare none (GPT-2,
 BERT), and some declare fused tensors as replicated-then-sliced (Phi-3's ``qkv_proj`` and
 ``gate_up_proj`` use ``colwise_gather_output``, which makes every rank hold the whole fused weight).
-``MESHLOAD_PLANS`` fills those gaps: entries are relative to the base model, like transformers'
-``base_model_tp_plan``; ``MESHLOAD_HEAD_PLANS`` adds the head modules of specific classes.
+The family registry (``planning.families``, one module per family) fills those gaps: a family's
+``tp_plan`` entries are relative to the base model, like transformers' ``base_model_tp_plan``; its
+``head_plans`` add the head modules of specific classes.
 
 A user ``tp_plan`` (glob → style, transformers spelling; ``*`` matches one name component) is merged
 last and wins. Resolution maps every tensor to ``(style, matched key, param_level)``.
@@ -16,51 +17,13 @@ Pure; runs on the driver.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from planning.errors import PlanError
+from planning.families import family_of
 from planning.skeleton import Skeleton, TensorSpec
 from planning.tp_styles import style_rule
-
-_BERT_LIKE = {
-    "embeddings.word_embeddings": "embedding_rowwise",
-    "encoder.layer.*.attention.self.query": "colwise",
-    "encoder.layer.*.attention.self.key": "colwise",
-    "encoder.layer.*.attention.self.value": "colwise",
-    "encoder.layer.*.attention.output.dense": "rowwise",
-    "encoder.layer.*.intermediate.dense": "colwise",
-    "encoder.layer.*.output.dense": "rowwise",
-}
-
-MESHLOAD_PLANS: dict[str, dict[str, str]] = {
-    "gpt2": {
-        "wte": "embedding_rowwise",
-        "h.*.attn.c_attn": "packed_colwise:qkv",
-        "h.*.attn.c_proj": "rowwise",
-        "h.*.mlp.c_fc": "colwise",
-        "h.*.mlp.c_proj": "rowwise",
-    },
-    # transformers replicates Phi-3's fused projections (colwise_gather_output); shard each part instead.
-    "phi3": {
-        "embed_tokens": "embedding_rowwise",
-        "layers.*.self_attn.qkv_proj": "packed_colwise:qkv",
-        "layers.*.self_attn.o_proj": "rowwise",
-        "layers.*.mlp.gate_up_proj": "packed_colwise",
-        "layers.*.mlp.down_proj": "rowwise",
-    },
-    "bert": _BERT_LIKE,
-    "roberta": _BERT_LIKE,
-    "xlm-roberta": _BERT_LIKE,
-    # transformers declares Inkling's fused expert gate_up_proj 'colwise', but its forward chunks it into
-    # [gate; up] halves: each rank needs its part of both (found by the model zoo: logits off by 5e-4 at tp=2).
-    "inkling_text": {"layers.*.mlp.experts.gate_up_proj": "packed_colwise"},
-}
-
-MESHLOAD_HEAD_PLANS: dict[str, dict[str, str]] = {
-    "GPT2LMHeadModel": {"lm_head": "colwise_gather_output"},
-    "BertForMaskedLM": {"cls.predictions.decoder": "colwise_gather_output"},
-}
-
 
 def glob_regex(pattern: str) -> re.Pattern[str]:
     """transformers' plan spelling: ``*`` stands for one dotted component (usually a layer index)."""
@@ -73,12 +36,12 @@ def effective_plan(model, *, user_plan: dict[str, str] | None = None) -> dict[st
     model_type = model.config.model_type
     prefix = model.base_model_prefix
     is_head_model = prefix and hasattr(model, prefix) and getattr(model, prefix) is not model
-    ours = MESHLOAD_PLANS.get(model_type)
-    if ours is not None:
+    family = family_of(model_type)
+    if family is not None:
         # Our family entries replace transformers' entries of the same keys (e.g. Phi-3's gather styles).
         base = f"{prefix}." if is_head_model else ""
-        plan.update({f"{base}{k}": v for k, v in ours.items()})
-        plan.update(_head_entries(model))
+        plan.update({f"{base}{k}": v for k, v in family.tp_plan.items()})
+        plan.update(_head_entries(model, family.head_plans))
     if user_plan:
         for key, style in user_plan.items():
             style_rule(style, where=key)
@@ -86,8 +49,8 @@ def effective_plan(model, *, user_plan: dict[str, str] | None = None) -> dict[st
     return plan
 
 
-def _head_entries(model) -> dict[str, str]:
-    entries = dict(MESHLOAD_HEAD_PLANS.get(type(model).__name__, {}))
+def _head_entries(model, head_plans: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    entries = dict(head_plans.get(type(model).__name__, {}))
     declared = dict(getattr(model, "_tp_plan", None) or {})
     if "lm_head" in declared:
         entries.setdefault("lm_head", declared["lm_head"])

@@ -14,7 +14,7 @@
   files are those of the checkpoint on disk is ``planning.plan_check``'s part.
 
 Failures are bugs in planning (or a tampered plan file), reported as ``PlanError`` with the rank and
-tensor. Pure; runs on the driver after ``build_plan`` and after reading a plan from JSON, and on every
+tensor. Pure; runs on the driver after ``planning.build.build_plan`` and after reading a plan from JSON, and on every
 node that executes a plan (its fetcher).
 """
 
@@ -28,11 +28,12 @@ from planning.confinement import check_commit, check_git_sha1, check_relative_na
 from planning.errors import CheckpointError, PlanError
 from planning.offload import TIERS, stream_bytes, tier_bytes
 from planning.pipeline import layer_of
+from planning.plan import LoadPlan, ParamPlan, RankPlan
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
 from planning.source_expr import Fragment, covers
 
 
-def _held_box(param) -> Box:
+def _held_box(param: ParamPlan) -> Box:
     box = tuple((0, n) for n in param.shape)
     if param.shard is not None:
         held = sum(length for _, length in param.shard.pieces)
@@ -40,7 +41,7 @@ def _held_box(param) -> Box:
     return box
 
 
-def validate_plan(plan) -> None:
+def validate_plan(plan: LoadPlan) -> None:
     validate_names(plan)
     files = {f.name: f for f in plan.files}
     if len(plan.ranks) != plan.tp * plan.pp:
@@ -55,7 +56,7 @@ def validate_plan(plan) -> None:
     _validate_fetch(plan)
 
 
-def validate_names(plan) -> None:
+def validate_names(plan: LoadPlan) -> None:
     """Every name and hash in ``plan`` that ends up in a path, checked against ``planning.confinement``."""
     m = plan.model
     try:
@@ -123,7 +124,7 @@ def _validate_rank(r, files) -> None:
                 raise PlanError(f"{where}: reads do not cover the local tensor exactly once")
 
 
-def _validate_offload(plan, r) -> None:
+def _validate_offload(plan: LoadPlan, r: RankPlan) -> None:
     held = {p.name: p for p in r.params}
     for p in r.params:
         if p.offload is None:
@@ -148,7 +149,7 @@ def _validate_offload(plan, r) -> None:
         raise PlanError(f"rank {r.rank}: {tier_bytes(r, 'cpu')} bytes offloaded to host memory exceed its cpu budget of {cpu_budget}")
 
 
-def _validate_ties(plan) -> None:
+def _validate_ties(plan: LoadPlan) -> None:
     sends = {(s.to_rank, s.as_name): (r.rank, s.name) for r in plan.ranks for s in r.sends}
     for r in plan.ranks:
         held = {p.name: p for p in r.params}
@@ -160,7 +161,7 @@ def _validate_ties(plan) -> None:
                 raise PlanError(f"rank {r.rank}, {p.name}: expects it from rank {p.receive_from}, which sends no such tensor")
 
 
-def _validate_coverage(plan) -> None:
+def _validate_coverage(plan: LoadPlan) -> None:
     by_stage: dict[int, list] = {}
     for r in plan.ranks:
         by_stage.setdefault(r.stage, []).append(r)
@@ -207,7 +208,7 @@ def _check_pieces(name: str, stage: int, pieces_per_rank, full_size: int) -> Non
         raise PlanError(f"stage {stage}, {name}: the TP pieces do not span [0, {full_size})")
 
 
-def _validate_fetch(plan) -> None:
+def _validate_fetch(plan: LoadPlan) -> None:
     for node in plan.nodes:
         ranges = {f.file: f.ranges for f in node.fetch}
         for rank in node.ranks:

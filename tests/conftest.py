@@ -2,6 +2,13 @@
 
 The cluster has three simulated nodes on 127.0.0.2-4 (each its own IP and node id, so placement
 really spreads ranks). Tests that break a cluster start their own (see ``fresh_cluster``).
+
+Markers hold: a test that takes ``ray_cluster`` must be marked ``cluster``, one that takes
+``fresh_cluster`` ``destructive`` (collection fails otherwise), so ``-m "not cluster and not destructive"``
+(``make test-fast``) selects the unit tests. Under ``MESHLOAD_TEST_NO_RAY=1`` (what ``make test-fast``
+sets) no Ray cluster may start at all: both fixtures fail at once, and every Ray session — of this
+process or of a driver a test starts — is caught afterwards by the session folder Ray writes into the
+run's private ``RAY_TMPDIR``.
 """
 
 from __future__ import annotations
@@ -13,10 +20,51 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import shutil
+import tempfile
+
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+NO_RAY = os.environ.get("MESHLOAD_TEST_NO_RAY") == "1"
+_NO_RAY_DIR: str | None = None
+FIXTURE_MARKS = {"ray_cluster": "cluster", "fresh_cluster": "destructive"}
+
+
+def pytest_configure(config):
+    global _NO_RAY_DIR
+    if NO_RAY:
+        # Every Ray start writes a session folder under RAY_TMPDIR; drivers the tests start inherit it.
+        _NO_RAY_DIR = tempfile.mkdtemp(prefix="meshload-noray-")
+        os.environ["RAY_TMPDIR"] = _NO_RAY_DIR
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [f"{item.nodeid} (uses {fixture}, not marked {mark})"
+                for item in items for fixture, mark in FIXTURE_MARKS.items()
+                if fixture in getattr(item, "fixturenames", ()) and item.get_closest_marker(mark) is None]
+    if unmarked:
+        raise pytest.UsageError("tests that start a Ray cluster must carry its marker:\n  " + "\n  ".join(unmarked))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _NO_RAY_DIR is None:
+        return
+    started = sorted(os.listdir(_NO_RAY_DIR))
+    shutil.rmtree(_NO_RAY_DIR, ignore_errors=True)
+    if started:
+        session.config.get_terminal_writer().line(
+            f"MESHLOAD_TEST_NO_RAY=1, yet Ray started during the run (left {started} in its RAY_TMPDIR): "
+            f"mark the test that starts it 'cluster'", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _refuse_under_no_ray(fixture: str) -> None:
+    if NO_RAY:
+        pytest.fail(f"{fixture} under MESHLOAD_TEST_NO_RAY=1 (make test-fast): this test starts a Ray cluster; "
+                    f"mark it {FIXTURE_MARKS[fixture]!r}")
 
 
 @pytest.fixture(autouse=True)
@@ -82,6 +130,7 @@ def _start_cluster(
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A 3-node cluster shared by every test that needs one; the test process is connected to it."""
+    _refuse_under_no_ray("ray_cluster")
     import ray
 
     cluster = _start_cluster(CLUSTER_NODES)
@@ -96,6 +145,7 @@ def ray_cluster():
 @pytest.fixture
 def fresh_cluster():
     """A private cluster for a destructive test; the shared one (if any) is disconnected meanwhile."""
+    _refuse_under_no_ray("fresh_cluster")
     import ray
 
     was_connected = ray.is_initialized()

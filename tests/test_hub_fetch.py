@@ -25,6 +25,7 @@ import orchestrator
 from planning.checkpoint import build_local_index
 from planning.errors import CheckpointError
 from planning.hub_cache import range_paths, read_manifest, repo_folder
+from planning.plan_json import plan_to_json
 from tests import checkpoints, fault_workers
 from tests.conftest import _start_cluster, remove_a_rank_node_while_loading, wait_until_clean
 from tests.hub_server import Fault, HubServer
@@ -625,15 +626,15 @@ def test_a_driver_killed_mid_fetch_leaves_no_actor_group_or_partial_file(hub, re
     import ray
 
     plan = orchestrator.plan(SHARDED, tp=2, nodes=2)  # planned here: the driver only fetches and loads
-    (tmp_path / "plan.json").write_text(plan.to_json())
+    (tmp_path / "plan.json").write_text(plan_to_json(plan))
     for f in plan.files:
         hub.inject(Fault(match=hub.lfs_path(SHARDED, f.name), kind="slow", delay_s=60, times=-1, origin="cdn"))
     script = f"""
 import sys
 sys.path.insert(0, {os.getcwd()!r})
 import orchestrator
-from planning.plan import LoadPlan
-plan = LoadPlan.from_json(open({str(tmp_path / "plan.json")!r}).read())
+from planning.plan_json import plan_from_json
+plan = plan_from_json(open({str(tmp_path / "plan.json")!r}).read())
 orchestrator.load(plan, fetch={mode!r}, progress=False, timeout_s=300)
 """
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}

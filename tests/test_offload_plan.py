@@ -13,7 +13,7 @@ from orchestrator.cli import main as cli_main
 from planning import make_plan
 from planning.errors import PlanError
 from planning.offload import layer_tiers, stream_bytes, tier_bytes
-from planning.plan import LoadPlan
+from planning.plan_json import plan_from_json, plan_to_json
 from planning.plan_check import check_plan_matches
 from planning.planner import resolve_model
 from tests import checkpoints
@@ -44,7 +44,7 @@ def test_budgets_fill_the_device_then_cpu_then_disk_layer_by_layer(ckpt, sizes):
     assert tier_bytes(rank, "cpu") == tier_bytes(rank, "disk") == 2 * layer
     assert plan.budgets == (device,) and plan.cpu_budgets == (2 * layer + layer // 2,)
     assert all(p.offload is None for p in rank.params if not p.name.startswith("model.layers."))
-    assert LoadPlan.from_json(plan.to_json()) == plan
+    assert plan_from_json(plan_to_json(plan)) == plan
     # no "cpu" budget: what leaves the device goes to disk; a budget the model fits: nothing offloaded
     plan = make_plan(ckpt, tp=1, max_memory={"device": device})
     assert layer_tiers(plan.ranks[0], plan.layers_path) == {"device": [0, 1], "cpu": [], "disk": [2, 3, 4, 5]}
@@ -69,7 +69,7 @@ def test_device_map_places_module_prefixes(ckpt):
             assert where["model.layers.4.input_layernorm.weight"] is None
             assert where["model.layers.4.self_attn.o_proj.weight"] == "disk"
             assert layer_tiers(r, plan.layers_path)["disk"] == [4]
-    assert LoadPlan.from_json(plan.to_json()) == plan
+    assert plan_from_json(plan_to_json(plan)) == plan
     # stages and tiers in one map
     plan = make_plan(ckpt, tp=1, pp=2, device_map={"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0,
                                                    "model.layers.2": 1, "model.layers.3": 1, "model.layers.4": 1,
@@ -115,7 +115,7 @@ def test_validation_and_plan_check_refuse_a_tampered_offload(ckpt, sizes):
     layer, staying = sizes
     max_memory = {"device": staying + 4 * layer, "cpu": 2 * layer}
     plan = make_plan(ckpt, tp=1, max_memory=max_memory)
-    data = json.loads(plan.to_json())
+    data = json.loads(plan_to_json(plan))
     params = data["ranks"][0]["params"]
 
     def tampered(edit) -> str:
@@ -126,13 +126,13 @@ def test_validation_and_plan_check_refuse_a_tampered_offload(ckpt, sizes):
     embed = next(i for i, p in enumerate(params) if p["name"] == "model.embed_tokens.weight")
     on_disk = [i for i, p in enumerate(params) if p["offload"] == "disk"]
     with pytest.raises(PlanError, match=r"rank 0, model.embed_tokens.weight: offloaded to 'disk' but not a tensor of the layers"):
-        LoadPlan.from_json(tampered(lambda ps: ps[embed].update(offload="disk")))
+        plan_from_json(tampered(lambda ps: ps[embed].update(offload="disk")))
     with pytest.raises(PlanError, match=r"offload 'tape', expected one of \('cpu', 'disk'\)"):
-        LoadPlan.from_json(tampered(lambda ps: ps[on_disk[0]].update(offload="tape")))
+        plan_from_json(tampered(lambda ps: ps[on_disk[0]].update(offload="tape")))
     with pytest.raises(PlanError, match=r"rank 0: \d+ bytes of parameters on its device plus \d+ to stream offloaded layers exceed its budget"):
-        LoadPlan.from_json(tampered(lambda ps: [ps[i].update(offload=None) for i in on_disk]))
+        plan_from_json(tampered(lambda ps: [ps[i].update(offload=None) for i in on_disk]))
     with pytest.raises(PlanError, match=r"rank 0: \d+ bytes offloaded to host memory exceed its cpu budget"):
-        LoadPlan.from_json(tampered(lambda ps: [ps[i].update(offload="cpu") for i in on_disk]))
+        plan_from_json(tampered(lambda ps: [ps[i].update(offload="cpu") for i in on_disk]))
     resolved = resolve_model(ckpt)
     options = dict(tp=1, pp=1, nodes=1, device="cpu", max_memory=max_memory)
     check_plan_matches(plan, resolved, options=options)
@@ -152,7 +152,7 @@ def test_meshload_plan_shows_which_layers_live_where(ckpt, sizes, capsys):
     row = next(line for line in out.splitlines() if line.split()[:3] == ["0", "0", "0"] and "streamed" in line)
     assert row.split()[3] == "0-1" and "2-3" in row and "4-5" in row, row
     assert cli_main(["plan", ckpt, "--device-map", '{"model.layers.2": "disk"}', "--json"]) == 0
-    plan = LoadPlan.from_json(capsys.readouterr().out)
+    plan = plan_from_json(capsys.readouterr().out)
     assert layer_tiers(plan.ranks[0], plan.layers_path)["disk"] == [2]
     assert cli_main(["plan", ckpt, "--max-memory", '{"gpu": 1}']) == 2
     assert "unknown key(s) ['gpu']" in capsys.readouterr().err

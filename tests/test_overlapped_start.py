@@ -40,6 +40,7 @@ def _plan_after_ranks_started(monkeypatch, marker_dir, ranks: int, timeout_s: fl
     monkeypatch.setattr(orchestrator.api, "make_plan", gated)
 
 
+@pytest.mark.cluster
 def test_ranks_started_before_the_plan_load_it_bit_exact(ray_cluster, ckpt, tmp_path, monkeypatch):
     path, oracle = ckpt
     _plan_after_ranks_started(monkeypatch, str(tmp_path), ranks=2)
@@ -51,6 +52,7 @@ def test_ranks_started_before_the_plan_load_it_bit_exact(ray_cluster, ckpt, tmp_
     assert wait_until_clean() == ([], [])
 
 
+@pytest.mark.cluster
 def test_planning_error_after_ranks_started_is_reported_as_itself(ray_cluster, ckpt, tmp_path, monkeypatch):
     path = str(tmp_path / "bad")
     shutil.copytree(ckpt[0], path)
@@ -66,6 +68,7 @@ def test_planning_error_after_ranks_started_is_reported_as_itself(ray_cluster, c
     assert wait_until_clean() == ([], [])
 
 
+@pytest.mark.cluster
 def test_bad_path_fails_before_anything_starts(ray_cluster, tmp_path):
     with pytest.raises(orchestrator.ConfigError, match="no such file or folder"):
         orchestrator.load(str(tmp_path / "missing"), tp=2, nodes=2, progress=False)

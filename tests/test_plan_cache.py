@@ -18,6 +18,7 @@ import orchestrator
 import orchestrator.api
 from planning.errors import ConversionError
 from planning.plan_cache import PlanCache, plan_key
+from planning.plan_json import plan_to_json
 from planning.planner import resolve_model
 from tests import checkpoints
 from tests.conftest import wait_until_clean
@@ -61,7 +62,7 @@ def test_an_unreadable_entry_is_reported_and_replaced(ckpt, tmp_path, caplog):
     cache = PlanCache(tmp_path)
     plan = orchestrator.plan(ckpt[0], tp=2, nodes=2)
     assert cache.put("k", plan) == tmp_path / "k.json"
-    assert cache.get("k").to_json() == plan.to_json()
+    assert plan_to_json(cache.get("k")) == plan_to_json(plan)
     (tmp_path / "k.json").write_text('{"version": 1, "ranks": [')
     with caplog.at_level(logging.WARNING, logger="meshload"):
         assert cache.get("k") is None
@@ -99,12 +100,13 @@ def test_a_folder_that_cannot_be_written_is_not_fatal(ckpt, tmp_path, caplog):
     assert f"the plan cannot be cached in {blocker / 'plans'}" in caplog.text
 
 
+@pytest.mark.cluster
 def test_a_new_driver_reuses_the_plan_and_imports_neither_torch_nor_transformers(ray_cluster, ckpt, tmp_path, monkeypatch):
     path, oracle = ckpt
     cache = tmp_path / "plans"
     with orchestrator.load(path, tp=2, nodes=2, progress=False, plan_cache=str(cache)) as m:
         assert not m.plan_cached
-        first = m.plan.to_json()
+        first = plan_to_json(m.plan)
     assert len(os.listdir(cache)) == 1
 
     def no_planning(*args, **kwargs):
@@ -112,18 +114,19 @@ def test_a_new_driver_reuses_the_plan_and_imports_neither_torch_nor_transformers
 
     monkeypatch.setattr(orchestrator.api, "make_plan", no_planning)
     with orchestrator.load(path, tp=2, nodes=2, progress=False, plan_cache=str(cache)) as m:
-        assert m.plan_cached and m.plan.to_json() == first
+        assert m.plan_cached and plan_to_json(m.plan) == first
         checkpoints.assert_state_equal(m.full_state_dict(), oracle)
     # A new driver process: the plan comes from the cache, so until the model is ready neither torch nor
     # transformers is imported on the driver (the ranks import them); torch comes with the first tensors.
     script = f"""
 import json, sys
 import orchestrator
+from planning.plan_json import plan_to_json
 heavy = lambda: sorted(n for n in sys.modules if n.split(".")[0] in ("torch", "transformers", "numpy"))
 with orchestrator.load({path!r}, tp=2, nodes=2, progress=False, plan_cache={str(cache)!r}) as m:
     at_ready = heavy()
     tokens = m.generate({checkpoints.PROMPT.tolist()!r}, max_new_tokens=3).tolist()
-    print("RESULT " + json.dumps([m.plan_cached, m.plan.to_json() == {first!r}, at_ready, tokens,
+    print("RESULT " + json.dumps([m.plan_cached, plan_to_json(m.plan) == {first!r}, at_ready, tokens,
                                   "transformers" in sys.modules]))
 """
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
@@ -134,7 +137,6 @@ with orchestrator.load({path!r}, tp=2, nodes=2, progress=False, plan_cache={str(
     _, want = checkpoints.expected_outputs(checkpoints.reference(path), max_new_tokens=3)
     assert tokens == want.tolist()
     assert wait_until_clean() == ([], [])
-
 
 
 def test_a_gpu_load_imports_torch_on_the_driver_while_the_ranks_load_a_cpu_load_does_not():
@@ -154,6 +156,8 @@ print("RESULT " + json.dumps([cpu is None, before, thread.name, "torch" in sys.m
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.split("RESULT ", 1)[1]) == [True, False, "meshload-driver-torch", True, True]
 
+
+@pytest.mark.cluster
 def test_a_changed_checkpoint_is_planned_again_not_loaded_from_a_stale_plan(ray_cluster, ckpt, tmp_path):
     path = shutil.copytree(ckpt[0], str(tmp_path / "ckpt"))
     cache = tmp_path / "plans"

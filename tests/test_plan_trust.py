@@ -21,6 +21,7 @@ import orchestrator.api
 from planning import hub_cache
 from planning.errors import CheckpointError, PlanError
 from planning.plan import LoadPlan
+from planning.plan_json import plan_from_json, plan_to_json
 from planning.plan_cache import PlanCache, plan_key
 from planning.planner import resolve_model
 from tests import checkpoints
@@ -58,7 +59,7 @@ def hub_env(hub, monkeypatch, tmp_path):
 
 
 def _tampered(plan: LoadPlan, edit) -> str:
-    data = json.loads(plan.to_json())
+    data = json.loads(plan_to_json(plan))
     edit(data)
     return json.dumps(data)
 
@@ -78,7 +79,7 @@ def test_a_hub_plan_whose_revision_is_a_path_is_refused_and_no_file_is_deleted(h
         f.write("a file of the user's, outside the cache")
     text = _tampered(plan, lambda d: d["model"].__setitem__("revision", "../../../x"))
     with pytest.raises(PlanError, match=r"revision '\.\./\.\./\.\./x' is not a commit sha \(40 hex digits\)"):
-        LoadPlan.from_json(text)
+        plan_from_json(text)
     bad = dataclasses.replace(plan, model=dataclasses.replace(plan.model, revision="../../../x"))
     with pytest.raises(PlanError, match="is not a commit sha"):
         NodeFetcher(bad, 0, cache_dir=cache, options=FetchOptions(mode="files")).fetch()
@@ -91,29 +92,29 @@ def test_a_local_plan_reading_etc_passwd_is_refused(local):
     plan = orchestrator.plan(local, tp=1, nodes=1)
     fname = plan.files[0].name
     # root "/" and file "etc/passwd": well formed, so it reads back; the checkpoint it names does not exist
-    text = plan.to_json().replace(json.dumps(local), json.dumps("/")).replace(json.dumps(fname), json.dumps("etc/passwd"))
-    evil = LoadPlan.from_json(text)
+    text = plan_to_json(plan).replace(json.dumps(local), json.dumps("/")).replace(json.dumps(fname), json.dumps("etc/passwd"))
+    evil = plan_from_json(text)
     assert evil.model.root == "/" and evil.files[0].name == "etc/passwd"
     with pytest.raises(CheckpointError, match=r"the plan names the checkpoint folder /, which cannot be resolved: /: no model"):
         orchestrator.load(evil, address=NOWHERE)
     # the right folder, but a name reaching out of it: refused when read back
     for name in ("../../../etc/passwd", "/etc/passwd"):
         with pytest.raises(PlanError, match="escapes the checkpoint folder|is absolute"):
-            LoadPlan.from_json(plan.to_json().replace(json.dumps(fname), json.dumps(name)))
+            plan_from_json(plan_to_json(plan).replace(json.dumps(fname), json.dumps(name)))
     # another file of the folder is not a file of the checkpoint
-    other = LoadPlan.from_json(plan.to_json().replace(json.dumps(fname), json.dumps("config.json")))
+    other = plan_from_json(plan_to_json(plan).replace(json.dumps(fname), json.dumps("config.json")))
     with pytest.raises(PlanError, match=r"names file 'config.json', which is not a file of the checkpoint"):
         orchestrator.load(other, address=NOWHERE)
 
 
 def test_a_plan_reading_other_bytes_than_the_header_gives_is_refused(local):
     plan = orchestrator.plan(local, tp=1, nodes=1)
-    data = json.loads(plan.to_json())
+    data = json.loads(plan_to_json(plan))
     item = data["ranks"][0]["params"][0]["reads"][0]
     assert item["src_dtype"] == "float32"
     item["src_dtype"] = "int32"  # same bytes, read as another type: validate_plan cannot tell
     with pytest.raises(PlanError, match=rf"reads tensor '{item['tensor']}' from .* at byte {item['file_offset']}, int32 .* but in the checkpoint it is .* float32"):
-        orchestrator.load(LoadPlan.from_json(json.dumps(data)), address=NOWHERE)
+        orchestrator.load(plan_from_json(json.dumps(data)), address=NOWHERE)
 
 
 def test_a_plan_of_a_changed_checkpoint_is_refused(tmp_path):
@@ -133,9 +134,9 @@ def test_malformed_plan_json_is_a_plan_error(local):
         (lambda d: d["files"][0].__setitem__("sha256", "../x"), "sha256 '../x' is not 64 hex digits"),
     ):
         with pytest.raises(PlanError, match=message):
-            LoadPlan.from_json(_tampered(plan, edit))
+            plan_from_json(_tampered(plan, edit))
     with pytest.raises(PlanError, match="a plan must be JSON"):
-        LoadPlan.from_json("{")
+        plan_from_json("{")
 
 
 # -- the plan cache -------------------------------------------------------------------------------------
@@ -155,15 +156,15 @@ def test_a_tampered_cache_entry_is_refused_and_planned_again(local, tmp_path, ca
     fname = first.files[0].name
     other = sorted(f for f in os.listdir(local) if f.endswith(".safetensors") and f != fname)[0]
     # another user rewrote the entry: same key, a plan reading another file at the same offsets
-    swapped = first.to_json().replace(json.dumps(fname), '"@@"').replace(json.dumps(other), json.dumps(fname))
+    swapped = plan_to_json(first).replace(json.dumps(fname), '"@@"').replace(json.dumps(other), json.dumps(fname))
     cache.path(key).write_text(swapped.replace('"@@"', json.dumps(other)))
-    assert LoadPlan.from_json(cache.path(key).read_text())  # self-consistent: validate_plan cannot tell
+    assert plan_from_json(cache.path(key).read_text())  # self-consistent: validate_plan cannot tell
     with caplog.at_level(logging.WARNING, logger="meshload"):
         again = _start(local, str(tmp_path / "plans"))
     assert not again.cached
     assert f"plan cache entry {cache.path(key)} is not a valid plan" in caplog.text and "differs from the checkpoint's" in caplog.text
-    assert again.result().to_json() == first.to_json()
-    assert cache.get(key).to_json() == first.to_json()  # replaced by the plan made again
+    assert plan_to_json(again.result()) == plan_to_json(first)
+    assert plan_to_json(cache.get(key)) == plan_to_json(first)  # replaced by the plan made again
     assert _start(local, str(tmp_path / "plans")).cached
 
 
@@ -178,7 +179,7 @@ def test_a_cache_entry_for_other_options_or_a_symlink_is_not_used(local, tmp_pat
     assert not again.cached and again.result().tp == 1
     assert "is for tp=2, not the tp=1 asked for" in caplog.text
     target = tmp_path / "elsewhere.json"
-    target.write_text(plan.to_json())
+    target.write_text(plan_to_json(plan))
     os.unlink(PlanCache(folder).path(key))
     os.symlink(target, PlanCache(folder).path(key))
     assert PlanCache(folder).get(key) is None  # never followed

@@ -16,7 +16,7 @@ from transformers import FineGrainedFP8Config
 
 import orchestrator
 from planning.errors import ConfigError, PlanError
-from planning.plan import LoadPlan
+from planning.plan_json import plan_from_json, plan_to_json
 from tests import checkpoints
 from tests.conftest import wait_until_clean
 
@@ -128,7 +128,7 @@ def test_dequantized_shards_equal_transformers_cpu_load(fp8):
 
 def test_plan_round_trips_through_json_with_its_quantization(fp8):
     plan = orchestrator.plan(fp8[0], tp=2, quantization=FineGrainedFP8Config(dequantize=True))
-    again = LoadPlan.from_json(plan.to_json())
+    again = plan_from_json(plan_to_json(plan))
     assert again.quantization == plan.quantization and again.ranks == plan.ranks
 
 

@@ -18,6 +18,7 @@ import pytest
 
 import orchestrator
 import orchestrator.fetch_stage
+from planning.plan_json import plan_to_json
 from tests import checkpoints
 from tests.conftest import wait_until_clean
 from tests.hub_server import HubServer
@@ -85,7 +86,7 @@ def test_a_load_hands_the_token_to_the_node_fetchers_outside_their_arguments(ray
     hub.reset_log()
     with orchestrator.load(REPO, tp=2, nodes=2, token=TOKEN, cache_dir=str(cache), fetch="files", progress=False) as m:
         checkpoints.assert_state_equal(m.full_state_dict(), folder[1])
-        shown = m.plan.to_json() + repr(m.report) + repr(m.fetch_report) + json.dumps(m.timings)
+        shown = plan_to_json(m.plan) + repr(m.report) + repr(m.fetch_report) + json.dumps(m.timings)
     assert TOKEN not in shown
     # the nodes' requests for the weights (HEAD of each file at the Hub) carried the token ...
     heads = hub.served(lambda s: s.origin == "hub" and s.method == "HEAD" and "/resolve/" in s.path)

@@ -42,6 +42,7 @@ import torch
 from planning.errors import CheckpointError
 from planning.offload import tier_bytes
 from planning.plan import LoadPlan, ParamPlan, ReadItem
+from planning.plan_json import plan_from_json
 from planning.skeleton import parse_dtype
 from workers.decoding import Decoder, Decoding
 from workers.distributed import init_world, leave_world, listen_store
@@ -155,7 +156,7 @@ class RankWorker:
         """Device and I/O settings from the plan; the skeleton is then built in the background."""
         if self.plan is not None:
             raise RuntimeError(f"rank {self.rank}: a plan is already attached")
-        plan = LoadPlan.from_json(plan) if isinstance(plan, str) else plan
+        plan = plan_from_json(plan) if isinstance(plan, str) else plan
         self.rank_plan = plan.ranks[self.rank]
         self.device = torch.device("cuda", torch.cuda.current_device()) if plan.device == "cuda" else torch.device("cpu")
         default_threads, default_staging = io_defaults(self.device)
@@ -294,7 +295,7 @@ class RankWorker:
         old file keeps its address: its pages become private copies as they are written). Tensors
         received from another stage come with ``receive_tied`` afterwards; initialised ones keep their
         value. The KV cache is dropped. Returns the bytes read."""
-        plan = LoadPlan.from_json(plan) if isinstance(plan, str) else plan
+        plan = plan_from_json(plan) if isinstance(plan, str) else plan
         if self.model is None:
             raise RuntimeError(f"rank {self.rank}: finalize() must run before reload()")
         rank_plan = plan.ranks[self.rank]

@@ -13,9 +13,11 @@ style's ``runtime``:
 - ``vocab_parallel_embedding`` (``embedding_rowwise``): ids outside this rank's vocabulary rows are
   looked up as row 0 and zeroed (masked lookup), then the partial embeddings are all-reduced.
 
-Attention modules whose projections are split by heads get their head counts fixed (``num_heads``,
-``num_key_value_heads``, ``num_key_value_groups``, GPT-2's ``split_size``, and a local config copy for
-code that reads ``config.num_attention_heads``), including the GQA case where KV heads are replicated.
+The style's ``runtime`` picks its installer from one table (``RUNTIMES``). Attention modules whose
+projections are split by heads (their names, separate or fused, from ``planning.families``) get their
+head counts fixed (``num_heads``, ``num_key_value_heads``, ``num_key_value_groups``, the families'
+head-sized attributes such as GPT-2's ``split_size``, and a local config copy for code that reads
+``config.num_attention_heads``), including the GQA case where KV heads are replicated.
 
 Runs on every rank, after the local model is built and before the first forward.
 """
@@ -23,6 +25,8 @@ Runs on every rank, after the local model is built and before the first forward.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -30,7 +34,8 @@ import torch.nn.functional as F
 
 from planning.plan import LoadPlan, ParamPlan, RankPlan
 from planning.tp_plans import PlanMatcher
-from planning.tp_styles import KV_NAMES, QUERY_NAMES, style_rule
+from planning.families import FUSED_ATTENTION_NAMES, HEAD_COUNT_ATTRS, KV_NAMES, QUERY_NAMES
+from planning.tp_styles import StyleRule, style_rule
 
 
 def _sum(x: torch.Tensor, group) -> torch.Tensor:
@@ -147,18 +152,78 @@ def _vocab_parallel(module: torch.nn.Module, slot: GroupSlot, weight: ParamPlan)
     return forward
 
 
+@dataclass(frozen=True, slots=True)
+class Site:
+    """What an installer needs to know about the module it wraps: its style's rule, its weight's plan on this
+    rank (None: the module holds no weight of the plan), the plans of this rank's stage, the group slot."""
+
+    rule: StyleRule
+    weight: ParamPlan | None
+    stage_ranks: list[RankPlan]
+    slot: GroupSlot
+
+
+def _install_all_reduce(module: torch.nn.Module, site: Site):
+    if site.rule.axis == "in" and hasattr(module, "weight"):  # rowwise layer: the bias once, after the reduction
+        return _rowwise_forward(module, site.slot, split=None)
+    return _all_reduce_after(module, site.slot)  # a module whose output is a partial sum (MoE experts)
+
+
+def _install_split_input(module: torch.nn.Module, site: Site):
+    shard = site.weight.shard if site.weight is not None else None
+    return _rowwise_forward(module, site.slot, split=list(shard.pieces) if shard else None)
+
+
+def _install_gather(module: torch.nn.Module, site: Site):
+    weight = site.weight
+    if weight is None or weight.shard is None:
+        return None
+    tp_params = [next(p for p in r.params if p.name == weight.name) for r in site.stage_ranks]
+    return _gather_after(module, site.slot, _gather_keep(weight, tp_params))
+
+
+def _install_vocab_parallel(module: torch.nn.Module, site: Site):
+    if site.weight is None or site.weight.shard is None:
+        return None
+    return _vocab_parallel(module, site.slot, site.weight)
+
+
+# A style's ``runtime`` (planning.tp_styles.STYLES) → what installs it: a new forward for the module, or None
+# when the module needs nothing on this rank.
+RUNTIMES: dict[str, Callable[[torch.nn.Module, Site], Callable | None]] = {
+    "none": lambda module, site: None,
+    "all_reduce_output": _install_all_reduce,
+    "split_input_all_reduce": _install_split_input,
+    "gather_output": _install_gather,
+    "vocab_parallel_embedding": _install_vocab_parallel,
+}
+
+
+# Size attributes of a module kind, in the order of its 2-D weight's dimensions (GPT-2's Conv1D reshapes by ``nf``).
+_SHAPE_ATTRS: dict[str, tuple[str, str]] = {
+    "Conv1D": ("nx", "nf"),
+    "Linear": ("out_features", "in_features"),
+    "Embedding": ("num_embeddings", "embedding_dim"),
+}
+
+
+def _shape_attrs(module: torch.nn.Module) -> tuple[str, str] | None:
+    if type(module).__name__ == "Conv1D":
+        return _SHAPE_ATTRS["Conv1D"]
+    for base in (torch.nn.Linear, torch.nn.Embedding):  # subclasses too (quantized linears)
+        if isinstance(module, base):
+            return _SHAPE_ATTRS[base.__name__]
+    return None
+
+
 def _fix_shapes(module: torch.nn.Module) -> None:
-    """Keep a sharded module's size attributes consistent with its local weight (Conv1D reshapes by ``nf``)."""
+    """Keep a sharded module's size attributes consistent with its local weight."""
     weight = getattr(module, "weight", None)
-    if weight is None or weight.dim() != 2:
+    attrs = _shape_attrs(module)
+    if weight is None or weight.dim() != 2 or attrs is None:
         return
-    kind = type(module).__name__
-    if kind == "Conv1D":
-        module.nx, module.nf = weight.shape
-    elif isinstance(module, torch.nn.Linear):
-        module.out_features, module.in_features = weight.shape
-    elif isinstance(module, torch.nn.Embedding):
-        module.num_embeddings, module.embedding_dim = weight.shape
+    for attr, size in zip(attrs, weight.shape):
+        setattr(module, attr, size)
 
 
 def _local_heads(plan: LoadPlan) -> tuple[int, int]:
@@ -175,14 +240,13 @@ def _fix_attention(model: torch.nn.Module, plan: LoadPlan, sharded: set[str]) ->
     for name, module in model.named_modules():
         children = {child for child, _ in module.named_children()}
         split_children = {c for c in children if f"{name}.{c}".lstrip(".") in sharded}
-        if not (split_children & (QUERY_NAMES | KV_NAMES | {"qkv_proj", "c_attn", "query_key_value", "Wqkv"})):
+        if not (split_children & (QUERY_NAMES | KV_NAMES | FUSED_ATTENTION_NAMES)):
             continue
         for attr, full, local in (
             ("num_heads", full_q, local_q),
             ("num_attention_heads", full_q, local_q),
             ("num_key_value_heads", full_kv, local_kv),
-            ("split_size", full_q * head_dim, local_q * head_dim),
-            ("all_head_size", full_q * head_dim, local_q * head_dim),
+            *((a, full_q * head_dim, local_q * head_dim) for a in HEAD_COUNT_ATTRS),  # families' (planning.families)
         ):
             if getattr(module, attr, None) == full:
                 setattr(module, attr, local)
@@ -219,20 +283,11 @@ def apply_tensor_parallel(
         if m is None:
             continue
         rule = style_rule(m.style, where=m.key)
-        weight = params.get(f"{name}.weight")
-        if rule.runtime == "all_reduce_output" and rule.axis == "in" and hasattr(module, "weight"):
-            module.forward = _rowwise_forward(module, group, split=None)
-        elif rule.runtime == "split_input_all_reduce":
-            module.forward = _rowwise_forward(module, group, split=list(weight.shard.pieces) if weight.shard else None)
-        elif rule.runtime == "all_reduce_output":
-            module.forward = _all_reduce_after(module, group)
-        elif rule.runtime == "gather_output" and weight is not None and weight.shard is not None:
-            tp_params = [next(p for p in r.params if p.name == weight.name) for r in stage_ranks]
-            module.forward = _gather_after(module, group, _gather_keep(weight, tp_params))
-        elif rule.runtime == "vocab_parallel_embedding" and weight is not None and weight.shard is not None:
-            module.forward = _vocab_parallel(module, group, weight)
-        else:
+        install = RUNTIMES[rule.runtime]
+        forward = install(module, Site(rule=rule, weight=params.get(f"{name}.weight"), stage_ranks=stage_ranks, slot=group))
+        if forward is None:
             continue
+        module.forward = forward
         installed.append((name, rule.runtime))
     _fix_attention(model, plan, sharded)
     return installed

@@ -29,7 +29,7 @@ from orchestrator.loaded_model import LoadedModel
 from orchestrator.materialize import materialize
 from orchestrator.rank_group import RankGroup
 from planning.plan import LoadPlan, node_blocks
-from planning.plan_cache import PlanCache, plan_key
+from orchestrator.plan_cache import PlanCache, plan_key
 from planning.plan_check import check_plan_matches
 from planning.planner import check_options, check_topology, make_plan, resolve_model, resolve_plan_checkpoint
 from planning.validate import validate_plan
@@ -134,7 +134,7 @@ def load(
     ``plan_cache``: plans are kept on the driver's disk and reused when the checkpoint's config and
     headers, the options and meshload's planning code are the same (``True``: the default folder,
     ``$MESHLOAD_PLAN_CACHE`` or ``~/.cache/meshload/plans``; a path: that folder; ``False``: off); see
-    ``planning/plan_cache.py``. Use as a context manager, or call ``shutdown()``.
+    ``orchestrator/plan_cache.py``. Use as a context manager, or call ``shutdown()``.
     """
     phases = PhaseClock()
     device = model.device if isinstance(model, LoadPlan) else device

@@ -164,7 +164,7 @@ def test_plan_of_a_hub_repo_downloads_headers_and_config_only(hub, repos):
 def test_a_cached_plan_of_a_hub_repo_is_not_reused_for_a_new_commit(hub, repos, tmp_path):
     """A new commit with the same weight files (a README added): headers and file hashes match, but the
     plan names the commit its ranks fetch from, so it is a new key."""
-    from planning.plan_cache import plan_key
+    from orchestrator.plan_cache import plan_key
     from planning.planner import resolve_model
 
     options = dict(tp=2, pp=1, nodes=2, device="cpu")

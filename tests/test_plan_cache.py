@@ -17,7 +17,7 @@ import pytest
 import orchestrator
 import orchestrator.api
 from planning.errors import ConversionError
-from planning.plan_cache import PlanCache, plan_key
+from orchestrator.plan_cache import PlanCache, plan_key
 from planning.planner import resolve_model
 from tests import checkpoints
 from tests.conftest import wait_until_clean

@@ -21,7 +21,7 @@ import orchestrator.api
 from planning import hub_cache
 from planning.errors import CheckpointError, PlanError
 from planning.plan import LoadPlan
-from planning.plan_cache import PlanCache, plan_key
+from orchestrator.plan_cache import PlanCache, plan_key
 from planning.planner import resolve_model
 from tests import checkpoints
 from tests.hub_server import HubServer

@@ -91,7 +91,7 @@ def meshload_ray(path: str, *, device: str, address: str, plan_cache: str | None
 def meshload_worker(path: str, *, device: str) -> dict:
     import torch
 
-    from planning.planner import make_plan
+    from orchestrator import plan as make_plan
     from workers.rank_worker import RankWorker
 
     t_imported = time.time()

@@ -67,7 +67,7 @@ def run_meshload(method: str, path: str, *, budget: str, device: str, new_tokens
     import torch
 
     from planning.offload import tier_bytes
-    from planning.planner import make_plan
+    from orchestrator import plan as make_plan
     from workers.rank_worker import RankWorker
 
     max_memory = {"meshload-resident": None, "meshload-cpu": {_device_key(device): budget, "cpu": "1TiB"},

@@ -59,7 +59,7 @@ def run_meshload(path: str, ref_path: str, port: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    from planning.planner import make_plan
+    from orchestrator import plan as make_plan
     from workers.rank_worker import RankWorker
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -83,7 +83,7 @@ def run_naive(path: str, dtype: str, tp: int) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from planning.planner import make_plan
+    from orchestrator import plan as make_plan
 
     rank = int(os.environ.get("RANK", "0"))
     io_before, t0 = io_counters(), time.perf_counter()

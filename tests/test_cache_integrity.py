@@ -27,7 +27,7 @@ import pytest
 
 import orchestrator
 import workers.fetcher
-from planning import hub_cache
+from workers.sources import hub_cache
 from planning.errors import CheckpointError
 from tests import checkpoints
 from tests.conftest import wait_until_clean

@@ -19,7 +19,7 @@ import shutil
 import pytest
 
 import orchestrator
-from planning import hub_cache
+from workers.sources import hub_cache
 from planning.checkpoint import build_local_index
 from planning.errors import CheckpointError
 from tests import checkpoints

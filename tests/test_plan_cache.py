@@ -18,7 +18,7 @@ import orchestrator
 import orchestrator.api
 from planning.errors import ConversionError
 from orchestrator.plan_cache import PlanCache, plan_key
-from planning.planner import resolve_model
+from workers.sources import resolve_model
 from tests import checkpoints
 from tests.conftest import wait_until_clean
 

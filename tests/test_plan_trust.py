@@ -18,11 +18,11 @@ import pytest
 
 import orchestrator
 import orchestrator.api
-from planning import hub_cache
+from workers.sources import hub_cache
 from planning.errors import CheckpointError, PlanError
 from planning.plan import LoadPlan
 from orchestrator.plan_cache import PlanCache, plan_key
-from planning.planner import resolve_model
+from workers.sources import resolve_model
 from tests import checkpoints
 from tests.hub_server import HubServer
 from workers.fetcher import FetchOptions, NodeFetcher

@@ -222,7 +222,7 @@ def test_meshload_plan_shows_quantized_bytes_and_scales_per_rank(fp8, capsys):
 
 def test_the_plan_cache_keys_the_quantization_option(fp8):
     from orchestrator.plan_cache import plan_key
-    from planning.planner import resolve_model
+    from workers.sources import resolve_model
 
     resolved = resolve_model(fp8[0])
     keys = {plan_key(resolved, dict(tp=2, quantization=q))

@@ -3,7 +3,7 @@
 Nodes of a real cluster do not share a disk, and a rank must never download the whole repo for the
 slice it reads. The orchestrator runs exactly one ``NodeFetcher`` per node, on that node; it computes
 the node's fetch list (``workers.fetch_list``) and makes every listed file or byte range present in
-the node-local cache (``planning.hub_cache`` layout), then hands the ranks local paths.
+the node-local cache (``workers.sources.hub_cache`` layout), then hands the ranks local paths.
 
 Whole files go through huggingface_hub's own ``hf_hub_download`` (the standard cache layout, its
 locks, its resume of a body cut short, Xet when available), wrapped with what a load over many nodes
@@ -12,12 +12,12 @@ needs on top:
 - once per node: one fetcher per node, and a file lock per file in the cache's ``.locks`` folder, so
   two loads (or two simulated nodes sharing a folder) never download the same file twice;
 - retries with exponential backoff on HTTP 408/429/5xx, timeouts, dropped connections and bodies
-  cut short (``planning.hub_index.transient_error``); a missing repo or file fails at once;
+  cut short (``workers.sources.hub.transient_error``); a missing repo or file fails at once;
 - every whole file hashed: sha256 against the Hub's LFS metadata, or the git blob id for a file kept
   in git; a file that fails is removed (snapshot link and blob) before retrying, so no corrupt file is
   ever left where a reader would take it; the blob is made private (0600);
 - files already cached are reused without a request; a cached file is re-hashed unless meshload hashed
-  this very file before (``planning.hub_cache.stamped``: same inode, size, mtime and ctime) — a blob is
+  this very file before (``workers.sources.hub_cache.stamped``: same inode, size, mtime and ctime) — a blob is
   not trusted for its name; a snapshot entry that does not resolve into the repo's ``blobs/`` is
   removed (the link, never what it points to).
 
@@ -57,10 +57,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from planning import hub_cache
+from workers.sources import hub_cache
 from planning.confinement import confined_path
 from planning.errors import CheckpointError, MeshloadError, PlanError
-from planning.hub_index import describe_hub_error, hub_endpoint, hub_offline, transient_error
+from workers.sources.hub import describe_hub_error, hub_endpoint, hub_offline, transient_error
 from planning.plan import LoadPlan
 from planning.safetensors_header import header_digest, header_length, parse_header
 from planning.validate import validate_names

@@ -28,7 +28,7 @@ import stat
 
 from planning.confinement import REPO_FOLDER_PREFIX, confined_path
 from planning.errors import CheckpointError
-from planning.hub_cache import RANGES_DIR
+from workers.sources.hub_cache import RANGES_DIR
 from planning.plan import LoadPlan
 from workers.report import node_location
 

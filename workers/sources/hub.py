@@ -1,4 +1,4 @@
-"""Index a Hub checkpoint from its safetensors headers, fetched with HTTP range requests.
+"""The Hub source: index a Hub checkpoint from its safetensors headers, fetched with HTTP range requests.
 
 Planning a load of ``org/name`` must not download the shards: it needs each file's header (a few
 kilobytes: every tensor's dtype, shape and byte range), ``config.json``, the sharded index, and — for
@@ -11,7 +11,7 @@ the fetch stage — every file's size and sha256. This module gets exactly that:
    the standard layout so that other tools and offline planning reuse them);
 4. per safetensors file two range requests — ``bytes=0-7`` then exactly the JSON header — validated by
    ``planning.safetensors_header``. Not one byte of tensor data is requested. The header bytes are kept
-   in the cache's range store (``planning.hub_cache``: a sparse part holding just the header), so a
+   in the cache's range store (``workers.sources.hub_cache``: a sparse part holding just the header), so a
    later plan (online or offline), or a range fetch on this machine, does not ask for them again: a
    commit's header found intact in this machine's cache (a whole file meshload hashed and that has not
    changed since, or a part whose header pieces still hash as recorded) is used as it is.
@@ -23,7 +23,9 @@ Offline (``HF_HUB_OFFLINE=1``): the same index is built from the local cache —
 snapshot's config and index, each file's header from the cached file or from a range-fetched partial
 copy (which always holds its header). Everything missing is named in one ``CheckpointError``.
 
-Runs on the driver (``orchestrator.plan``/``load``, ``meshload plan``). No Ray, no tensor data.
+Runs on the driver (``orchestrator.plan``/``load``, ``meshload plan``). No Ray, no tensor data. ``HubRepo``
+(end of file) is this source's entry in ``workers.sources.SOURCES``; its node fetcher is
+``workers.fetcher.NodeFetcher``.
 """
 
 from __future__ import annotations
@@ -35,13 +37,18 @@ import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from planning import hub_cache
 from planning.checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, index_from_headers
 from planning.confinement import COMMIT_RE, check_commit, check_git_sha1, check_relative_name, check_repo_id, check_sha256
 from planning.errors import CheckpointError, ConfigError
 from planning.planner import ResolvedModel
 from planning.safetensors_header import SafetensorsHeader, header_digest, header_length, parse_header, read_header
+from workers.sources import hub_cache
+from workers.sources.base import CheckpointSource, looks_like_path
+
+if TYPE_CHECKING:
+    from planning.plan import LoadPlan
 
 try:  # huggingface_hub ≥ 2 speaks httpx2; 1.x spoke httpx
     import httpx2 as httpx
@@ -490,3 +497,37 @@ def _resolve_offline(repo_id: str, *, revision: str | None, root: str) -> Resolv
     config_dict = _load_json(config_path, what=f"{where}/config.json", error=ConfigError)
     index = index_from_headers(None, headers, weight_map=weight_map, sha256=sha256, git_sha1=git_sha1, index_name=entry)
     return ResolvedModel(ref_source=repo_id, kind="hub", root=None, revision=commit, config_dict=config_dict, index=index)
+
+
+# -- the source ------------------------------------------------------------------------------------
+
+class HubRepo(CheckpointSource):
+    """A Hugging Face Hub repo id (``org/name``, ``revision=``): resolved by range requests on the driver
+    (above), fetched by each node into its own cache (``workers.fetcher.NodeFetcher``)."""
+
+    kind = "hub"
+
+    def claims(self, model: str) -> bool:
+        return not looks_like_path(model) and "://" not in model and model.count("/") <= 1
+
+    def resolve(
+        self, model: str, *, revision: str | None = None, cache_dir: str | None = None, token: str | bool | None = None,
+        allow_pickle: bool = False,
+    ) -> ResolvedModel:
+        return resolve_hub_model(model, revision=revision, cache_dir=cache_dir, token=token)
+
+    def resolve_plan(
+        self, plan: LoadPlan, *, cache_dir: str | None = None, token: str | bool | None = None, allow_pickle: bool = False
+    ) -> ResolvedModel:
+        """At the plan's commit."""
+        return resolve_hub_model(plan.model.source, revision=plan.model.revision, cache_dir=cache_dir, token=token)
+
+    def fetcher_class(self) -> type:
+        from workers.fetcher import NodeFetcher
+
+        return NodeFetcher
+
+    def fetch_settings(self) -> dict:
+        """The driver's endpoint (the plan's commit was resolved there); offline on the driver: on every node
+        (else each node's own flag)."""
+        return {"endpoint": hub_endpoint(), "offline": True if hub_offline() else None}

@@ -14,7 +14,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from planning.plan_picture import plan_svg, rank_segments, write_picture
+from orchestrator.cli import write_picture
+from planning.plan_picture import plan_svg, rank_segments
 from orchestrator import plan as make_plan
 from tests import checkpoints
 

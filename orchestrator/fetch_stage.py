@@ -2,7 +2,7 @@
 
 Nodes of a real cluster do not share a disk, so the fetch must run *on* each node, into that node's
 cache, before its ranks read. ``NodeFetch.fetch`` starts one of the source's node fetchers
-(``CheckpointSource.fetcher_class``: ``workers.fetcher.NodeFetcher`` for the Hub) per
+(``CheckpointSource.fetcher_class``: ``workers.sources.hub_fetcher.NodeFetcher`` for the Hub) per
 planned node as a zero-CPU actor inside that node's placement-group bundle (bundle index = node index,
 so it lands where the node's ranks are), runs its ``fetch`` with the load's deadline, shows per-node
 progress (``NodeProgress``, verb "fetched") while polling it, and stops every fetcher afterwards (after
@@ -19,7 +19,7 @@ Where a node caches: the ``cache_dir`` option, else ``$MESHLOAD_CACHE_DIR`` as s
 huggingface_hub's default there. A ``token`` given to ``load`` reaches the fetchers through Ray's object
 store (not as an argument: actor arguments sit in Ray's control store); without one each node uses its
 own ``HF_TOKEN`` or stored login. Whole files or byte ranges: ``mode`` (default ``$MESHLOAD_FETCH`` on
-the driver, else ``"ranges"``; see ``workers.fetcher.FetchOptions``). What a fetcher takes from the
+the driver, else ``"ranges"``; see ``workers.sources.fetch_types.FetchOptions``). What a fetcher takes from the
 driver is the source's ``fetch_settings()`` (the Hub: the driver's endpoint, where the plan's commit
 was resolved; offline mode on the driver makes every node fetch nothing).
 
@@ -43,7 +43,7 @@ from orchestrator.rank_group import RankError, RankGroup, RankTimeout, group_err
 from planning.plan import LoadPlan
 
 if TYPE_CHECKING:  # imported by a fetching source only: a local load's driver does without numpy
-    from workers.fetcher import NodeFetchOutcome
+    from workers.sources.fetch_types import NodeFetchOutcome
     from workers.sources.base import CheckpointSource
 
 log = logging.getLogger("meshload")
@@ -122,7 +122,7 @@ class NodeFetch:
         timeout_s: float | None = None,
         fetcher_cls: type | None = None,
     ) -> None:
-        from workers.fetcher import FetchOptions
+        from workers.sources.fetch_types import FetchOptions
 
         if source.fetcher_class() is None:
             raise ValueError(f"NodeFetch: {plan.model.source} is a {plan.model.kind} checkpoint, read in place")

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 from planning.boxes import Box, box_numel, byte_span, full_box, translate
+from planning.byte_ranges import merge_ranges
 from planning.checkpoint import CheckpointFile, CheckpointIndex
 from planning.conversions import SourceMap
 from planning.errors import PlanError
@@ -429,12 +430,3 @@ def _node_plans(ranks: tuple[RankPlan, ...], num_nodes: int, index: CheckpointIn
         out.append(NodePlan(node=node, ranks=tuple(r.rank for r in members), fetch=tuple(fetch)))
     return tuple(out)
 
-
-def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for a, b in sorted(ranges):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]

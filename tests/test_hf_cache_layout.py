@@ -26,7 +26,8 @@ from tests import checkpoints
 from tests.conftest import wait_until_clean
 from tests.hub_server import HubServer
 from tests.test_hub_fetch import _load_in_process as load_in_process
-from workers.fetcher import FetchOptions, NodeFetcher
+from workers.sources.fetch_types import FetchOptions
+from workers.sources.hub_fetcher import NodeFetcher
 
 REPO, OTHER = "org/tiny", "org/other"
 UNREACHABLE = "http://127.0.0.1:9"  # nothing listens there

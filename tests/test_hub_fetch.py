@@ -24,13 +24,15 @@ import torch
 import orchestrator
 from planning.checkpoint import build_local_index
 from planning.errors import CheckpointError
-from workers.sources.hub_cache import range_paths, read_manifest, repo_folder
+from workers.sources.hub_cache import range_paths, repo_folder
+from workers.sources.part_store import read_manifest
 from tests import checkpoints, fault_workers
 from tests.conftest import _start_cluster, remove_a_rank_node_while_loading, wait_until_clean
 from tests.hub_server import Fault, HubServer
 from workers.assemble import assemble_state_dict
 from workers.fetch_list import node_fetch_items
-from workers.fetcher import FetchOptions, NodeFetcher
+from workers.sources.fetch_types import FetchOptions
+from workers.sources.hub_fetcher import NodeFetcher
 from workers.rank_worker import RankWorker
 
 SHARDED, SINGLE, PICKLE, MEDIUM = "org/tiny-llama", "org/tiny-single", "org/tiny-pickle", "org/medium-llama"
@@ -244,7 +246,7 @@ def test_fetch_lists_cover_exactly_the_bytes_read(hub):
 
 
 def test_range_arithmetic():
-    from workers.sources.hub_cache import merge_ranges, subtract_ranges
+    from planning.byte_ranges import merge_ranges, subtract_ranges
 
     assert merge_ranges([(5, 9), (0, 3), (3, 4), (12, 20)]) == [(0, 4), (5, 9), (12, 20)]
     assert merge_ranges([(5, 9), (0, 3), (12, 20)], gap=2) == [(0, 9), (12, 20)]

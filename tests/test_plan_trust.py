@@ -25,7 +25,8 @@ from orchestrator.plan_cache import PlanCache, plan_key
 from workers.sources import resolve_model
 from tests import checkpoints
 from tests.hub_server import HubServer
-from workers.fetcher import FetchOptions, NodeFetcher
+from workers.sources.fetch_types import FetchOptions
+from workers.sources.hub_fetcher import NodeFetcher
 
 NOWHERE = "127.0.0.1:9"  # nothing listens: reaching connect() would be a ClusterError, not the plan's error
 REPO = "org/tiny"

@@ -9,7 +9,8 @@ file and then coalesced: two runs closer than ``max_gap_bytes`` become one reque
 a few wasted bytes). A file whose ranges would cover at least ``whole_above`` of it is fetched whole
 instead (a whole file can be verified against its sha256 and reused by any tool).
 
-Pure; computed where the fetch runs (``workers.fetcher.NodeFetcher``), one node at a time.
+Pure; computed where the fetch runs (a source's node fetcher: ``workers.sources.hub_fetcher.NodeFetcher``),
+one node at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planning.boxes import run_offsets, runs
+from planning.byte_ranges import merge_ranges
 from planning.errors import PlanError
 from planning.plan import LoadPlan
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
@@ -72,21 +74,6 @@ def exact_runs(plan: LoadPlan, node: int) -> dict[str, np.ndarray]:
     return {f: np.concatenate(p) for f, p in pieces.items()}
 
 
-def coalesce(spans: np.ndarray, *, gap: int) -> list[tuple[int, int]]:
-    """Sorted union of ``(start, stop)`` rows; spans at most ``gap`` bytes apart are joined."""
-    if len(spans) == 0:
-        return []
-    order = np.argsort(spans[:, 0], kind="stable")
-    starts, stops = spans[order, 0], spans[order, 1]
-    reach = np.maximum.accumulate(stops)
-    new_group = np.empty(len(starts), dtype=bool)
-    new_group[0] = True
-    new_group[1:] = starts[1:] > reach[:-1] + gap
-    first = np.flatnonzero(new_group)
-    last = np.append(first[1:], len(starts)) - 1
-    return [(int(a), int(b)) for a, b in zip(starts[first], reach[last])]
-
-
 def node_fetch_items(
     plan: LoadPlan,
     node: int,
@@ -110,7 +97,7 @@ def node_fetch_items(
         if mode == "ranges":
             rows = spans.get(name, np.empty((0, 2), dtype=np.int64))
             rows = np.concatenate([rows, np.array([[0, f.header_size]], dtype=np.int64)])
-            merged = coalesce(rows, gap=max_gap_bytes)
+            merged = merge_ranges(rows, gap=max_gap_bytes)
             if sum(b - a for a, b in merged) < whole_above * f.size:
                 ranges = tuple(merged)
         items.append(FetchItem(file=name, size=f.size, sha256=f.sha256, header_size=f.header_size, ranges=ranges,

@@ -8,7 +8,7 @@ the first source that claims it (``source_for``), a plan to the source of its ki
 | kind | module | reference | fetch for a node |
 | --- | --- | --- | --- |
 | ``local`` | ``workers.sources.local`` | a folder (also a Hugging Face cache snapshot folder) or a ``.safetensors`` file | none: read in place |
-| ``hub`` | ``workers.sources.hub`` | ``org/name`` (``revision=``) | ``workers.fetcher.NodeFetcher`` into the node's cache |
+| ``hub`` | ``workers.sources.hub`` | ``org/name`` (``revision=``) | ``workers.sources.hub_fetcher.NodeFetcher`` into the node's cache |
 
 What the pieces shared by sources are: ``workers.sources.hub_cache`` (the node's cache layout, its range
 store of part files and their manifests), ``workers.fetch_list`` (what a node fetches: whole files or
@@ -30,7 +30,7 @@ Adding a source (e.g. object storage, ``s3://bucket/prefix``) is one new module 
    a plan names (at its pinned version, if the source has versions);
 5. ``fetcher_class()``: a plain class (the orchestrator runs one per node, as a Ray actor placed in that
    node's bundle) built as ``cls(plan, node, *, cache_dir, options, **fetch_settings())`` with
-   ``fetch(token) -> workers.fetcher.NodeFetchOutcome`` (each file's local path: whole, or a part file
+   ``fetch(token) -> workers.sources.fetch_types.NodeFetchOutcome`` (each file's local path: whole, or a part file
    of the range store holding the ranges ``workers.fetch_list.node_fetch_items`` lists), ``progress()``,
    ``cancel()`` and ``where()``; it must keep the security rules of the Hub fetcher (names checked with
    ``planning.validate.validate_names``, paths confined, bytes checked against the plan's sizes and

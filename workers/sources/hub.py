@@ -25,7 +25,7 @@ copy (which always holds its header). Everything missing is named in one ``Check
 
 Runs on the driver (``orchestrator.plan``/``load``, ``meshload plan``). No Ray, no tensor data. ``HubRepo``
 (end of file) is this source's entry in ``workers.sources.SOURCES``; its node fetcher is
-``workers.fetcher.NodeFetcher``.
+``workers.sources.hub_fetcher.NodeFetcher``.
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -44,22 +42,19 @@ from planning.confinement import COMMIT_RE, check_commit, check_git_sha1, check_
 from planning.errors import CheckpointError, ConfigError
 from planning.planner import ResolvedModel
 from planning.safetensors_header import SafetensorsHeader, header_digest, header_length, parse_header, read_header
-from workers.sources import hub_cache
+from workers.sources import hub_cache, part_store
 from workers.sources.base import CheckpointSource, looks_like_path
+from workers.sources.private_files import read_private_json
+from workers.sources.http import RangeIgnored, RetryPolicy, Target, http_status, httpx, ranged_get, transient_error, unreachable
 
 if TYPE_CHECKING:
     from planning.plan import LoadPlan
 
-try:  # huggingface_hub ≥ 2 speaks httpx2; 1.x spoke httpx
-    import httpx2 as httpx
-except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
-    import httpx
-
 log = logging.getLogger("meshload")
 
 HEADER_FETCH_WORKERS = 8
-HEADER_ATTEMPTS = 4
-RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+HEADER_RETRY = RetryPolicy(attempts=4)  # listing, config, index and header reads on the driver
+ONE_TRY = RetryPolicy(attempts=1)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -76,24 +71,6 @@ def hub_offline() -> bool:
 
     flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
     return constants.is_offline_mode() or any((v or "").strip().upper() in ("1", "ON", "YES", "TRUE") for v in flags)
-
-
-def http_status(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def transient_error(exc: BaseException) -> bool:
-    """Worth retrying: a timeout, a dropped connection, a body cut short, or HTTP 408/429/5xx (anywhere in the cause chain)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, httpx.TransportError) and not isinstance(exc, httpx.ProxyError):
-            return True
-        if http_status(exc) in RETRY_STATUS:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def describe_hub_error(exc: BaseException, *, repo_id: str, revision: str | None, what: str) -> CheckpointError:
@@ -131,54 +108,37 @@ def describe_hub_error(exc: BaseException, *, repo_id: str, revision: str | None
     return CheckpointError(f"{repo_id}@{rev}: {what}: {type(exc).__name__}: {first_line}")
 
 
-def _retrying(fn, *, repo_id: str, revision: str, what: str, attempts: int = HEADER_ATTEMPTS, base_s: float = 0.5):
-    """Call ``fn`` with retries on transient errors; anything else, or the last failure, as a ``CheckpointError``."""
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except CheckpointError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - translated below
-            # a connection refused has been retried by huggingface_hub already: the Hub is not there
-            if attempt + 1 < attempts and transient_error(exc) and not _unreachable(exc):
-                time.sleep(min(8.0, base_s * 2**attempt))
-                continue
-            raise describe_hub_error(exc, repo_id=repo_id, revision=revision, what=what) from exc
-    raise AssertionError("unreachable")
+def _retrying(fn, *, repo_id: str, revision: str, what: str):
+    """``fn()`` under the header reads' ``RetryPolicy`` (transient errors; not a Hub that cannot be reached at
+    all: huggingface_hub has retried that already); anything else, or the last failure, as a ``CheckpointError``."""
+    try:
+        return HEADER_RETRY.call(fn, retry_if=lambda exc: transient_error(exc) and not unreachable(exc))
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - translated
+        raise describe_hub_error(exc, repo_id=repo_id, revision=revision, what=what) from exc
 
 
 # -- range requests ------------------------------------------------------------------------------
 
 def read_range(url: str, *, start: int, stop: int, file: str, size: int, headers: dict[str, str], timeout: float) -> bytes:
-    """Bytes ``[start, stop)`` of the file at ``url`` with one HTTP range request (redirects followed).
+    """Bytes ``[start, stop)`` of the file at ``url`` (``workers.sources.http.ranged_get``, one try: the caller
+    retries). A server that ignores the range (HTTP 200) is refused, not read: that would be the whole shard;
+    the total size in ``Content-Range`` must be ``size`` (the repo listing's), or the file changed."""
+    buf = bytearray(stop - start)
 
-    A server that ignores the range (HTTP 200) is refused, not read: that would be the whole shard.
-    The total size in ``Content-Range`` must match ``size`` (the repo listing's), or the file changed.
-    """
-    from huggingface_hub.utils import get_session, hf_raise_for_status
+    def write(offset: int, chunk: bytes) -> None:
+        buf[offset - start : offset - start + len(chunk)] = chunk
 
-    want = stop - start
-    request_headers = {**headers, "Range": f"bytes={start}-{stop - 1}", "Accept-Encoding": "identity"}
-    with get_session().stream("GET", url, headers=request_headers, timeout=timeout, follow_redirects=True) as response:
-        hf_raise_for_status(response)
-        if response.status_code != 206:
-            raise CheckpointError(
-                f"{file}: the server answered HTTP {response.status_code} to a range request for bytes {start}-{stop - 1} "
-                f"of {response.url}; byte ranges are required to read headers without downloading the shard"
-            )
-        total = response.headers.get("Content-Range", "").rpartition("/")[2]
-        if total.isdigit() and int(total) != size:
-            raise CheckpointError(
-                f"{file}: the repo listing says {size} bytes but the server reports {total} (Content-Range of {response.url})"
-            )
-        buf = bytearray()
-        for chunk in response.iter_bytes():
-            buf += chunk
-            if len(buf) >= want:
-                break
-    if len(buf) < want:
-        raise httpx.RemoteProtocolError(f"{file}: range {start}-{stop - 1}: got {len(buf)} of {want} bytes")
-    return bytes(buf[:want])
+    try:
+        ranged_get(lambda refresh: Target(url, headers), start=start, stop=stop, size=size, file=file, write=write,
+                   timeout_s=timeout, policy=ONE_TRY)
+    except RangeIgnored:
+        raise CheckpointError(
+            f"{file}: the server answered HTTP 200 to a range request for bytes {start}-{stop - 1} of {url}; "
+            f"byte ranges are required to read headers without downloading the shard"
+        ) from None
+    return bytes(buf)
 
 
 def fetch_header(url: str, *, file: str, size: int, headers: dict[str, str], timeout: float) -> tuple[SafetensorsHeader, bytes]:
@@ -254,7 +214,7 @@ def resolve_hub_model(
     try:
         return _resolve_online(repo_id, revision=revision, root=root, token=token)
     except CheckpointError as exc:
-        if not _unreachable(exc):
+        if not unreachable(exc):
             raise
         try:
             resolved = _resolve_offline(repo_id, revision=revision, root=root)
@@ -263,19 +223,6 @@ def resolve_hub_model(
         log.warning("meshload: the Hub at %s cannot be reached (%s); %s@%s planned from the local cache %s",
                     hub_endpoint(), exc, repo_id, resolved.revision[:12], root)
         return resolved
-
-
-def _unreachable(exc: BaseException) -> bool:
-    """The Hub could not be reached at all: a connection error (or timeout) in the cause chain, no HTTP answer."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if http_status(exc) is not None:
-            return False
-        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def _resolve_online(repo_id: str, *, revision: str | None, root: str, token) -> ResolvedModel:
@@ -395,18 +342,18 @@ def _cached_names(root: str, repo_id: str, commit: str) -> set[str]:
 
 
 def _partial_header(root: str, repo_id: str, commit: str, name: str, *, size: int | None = None,
-                    sha256: str | None = None) -> tuple[SafetensorsHeader, hub_cache.RangeManifest] | None:
+                    sha256: str | None = None) -> tuple[SafetensorsHeader, part_store.RangeManifest] | None:
     """The header of a range-fetched file, if its manifest covers it and the pieces holding it still hash
     as recorded (``size``/``sha256``: also those the manifest must describe)."""
     data, manifest_path = hub_cache.range_paths(root, repo_id, commit=commit, filename=name)
-    raw = hub_cache.read_private_json(manifest_path)
+    raw = read_private_json(manifest_path)
     if not isinstance(raw, dict):
         return None
     try:
         size, sha = (int(raw["size"]) if size is None else size), (raw.get("sha256") if sha256 is None else sha256)
     except (KeyError, TypeError, ValueError):
         return None
-    manifest = hub_cache.read_manifest(manifest_path, file=name, size=size, sha256=sha)
+    manifest = part_store.read_manifest(manifest_path, file=name, size=size, sha256=sha)
     if manifest is None or manifest.missing([(0, min(8, size))]):
         return None
     try:
@@ -418,7 +365,7 @@ def _partial_header(root: str, repo_id: str, commit: str, name: str, *, size: in
         n = header_length(prefix, file=name, file_size=size)
         if manifest.missing([(0, 8 + n)]):
             return None
-        if any(hub_cache.piece_digest(fd, a, b) != d for a, b, d in manifest.touching([(0, 8 + n)])):
+        if any(part_store.piece_digest(fd, a, b) != d for a, b, d in manifest.touching([(0, 8 + n)])):
             return None  # the part changed on disk: not a header to plan from
         body = os.pread(fd, n, 8)
     finally:
@@ -503,7 +450,7 @@ def _resolve_offline(repo_id: str, *, revision: str | None, root: str) -> Resolv
 
 class HubRepo(CheckpointSource):
     """A Hugging Face Hub repo id (``org/name``, ``revision=``): resolved by range requests on the driver
-    (above), fetched by each node into its own cache (``workers.fetcher.NodeFetcher``)."""
+    (above), fetched by each node into its own cache (``workers.sources.hub_fetcher.NodeFetcher``)."""
 
     kind = "hub"
 
@@ -523,7 +470,7 @@ class HubRepo(CheckpointSource):
         return resolve_hub_model(plan.model.source, revision=plan.model.revision, cache_dir=cache_dir, token=token)
 
     def fetcher_class(self) -> type:
-        from workers.fetcher import NodeFetcher
+        from workers.sources.hub_fetcher import NodeFetcher
 
         return NodeFetcher
 

@@ -277,7 +277,7 @@ def _reads(expr, shard: Shard | None, full_shape, index: CheckpointIndex) -> tup
 
 @dataclass
 class PlanInputs:
-    """Everything ``build_plan`` combines; assembled by ``planning.api``."""
+    """Everything ``build_plan`` combines; assembled by ``planning.planner.make_plan``."""
 
     model_ref: ModelRef
     config: object

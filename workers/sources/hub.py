@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from planning.checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, index_from_headers
+from planning.checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, choose_layout, index_from_headers
 from planning.confinement import COMMIT_RE, check_commit, check_git_sha1, check_relative_name, check_repo_id, check_sha256
 from planning.errors import CheckpointError, ConfigError
 from planning.planner import ResolvedModel
@@ -151,15 +151,16 @@ def fetch_header(url: str, *, file: str, size: int, headers: dict[str, str], tim
 
 # -- layout ----------------------------------------------------------------------------------------
 
-def choose_layout(names: set[str], *, where: str) -> tuple[str, str]:
-    """``("index", name)`` or ``("single", name)`` from the file names at the repo root; pickle-only is refused."""
-    if SAFE_INDEX in names:
-        return "index", SAFE_INDEX
-    if SAFE_SINGLE in names:
-        return "single", SAFE_SINGLE
+def hub_layout(names: set[str], *, where: str) -> tuple[str, str]:
+    """``("index", name)`` or ``("single", name)`` from the file names at the repo root
+    (``planning.checkpoint.choose_layout``); a repo whose weights are pickles only is refused."""
+    try:
+        kind, entry = choose_layout(names, where=where)
+    except CheckpointError:
+        kind, entry = None, None
+    if kind is not None and not kind.startswith("pickle"):
+        return ("index" if kind == "safetensors-index" else "single"), entry
     singles = sorted(n for n in names if n.endswith(".safetensors") and "/" not in n)
-    if len(singles) == 1:
-        return "single", singles[0]
     pickles = sorted(n for n in names if n in (PICKLE_INDEX, PICKLE_SINGLE) or n.endswith(PICKLE_SUFFIXES))
     if pickles and not singles:
         entry = PICKLE_INDEX if PICKLE_INDEX in pickles else pickles[0]
@@ -247,7 +248,7 @@ def _resolve_online(repo_id: str, *, revision: str | None, root: str, token) -> 
         )
         if isinstance(e, RepoFile)
     }
-    kind, entry = choose_layout(set(listing), where=where)
+    kind, entry = hub_layout(set(listing), where=where)
 
     def download(name: str) -> str:
         return _retrying(
@@ -403,7 +404,7 @@ def _resolve_offline(repo_id: str, *, revision: str | None, root: str) -> Resolv
     if config_path is None:
         missing.append("config.json")
     try:
-        kind, entry = choose_layout(names, where=where)
+        kind, entry = hub_layout(names, where=where)
     except CheckpointError as exc:
         if "pickle" in str(exc):
             raise

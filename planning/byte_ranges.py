@@ -2,7 +2,7 @@
 parts of some ranges not covered by others.
 
 One implementation for everything that merges ranges: a node's fetch list in the plan
-(``planning.plan``), the exact runs a node fetches (``workers.fetch_list``, up to millions of rows, hence
+(``planning.plan``), the exact runs a node fetches (``planning.fetch_list``, up to millions of rows, hence
 numpy) and the pieces a part file holds (``workers.sources.part_store``). Pure.
 """
 

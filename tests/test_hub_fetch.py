@@ -30,7 +30,7 @@ from tests import checkpoints, fault_workers
 from tests.conftest import _start_cluster, remove_a_rank_node_while_loading, wait_until_clean
 from tests.hub_server import Fault, HubServer
 from workers.assemble import assemble_state_dict
-from workers.fetch_list import node_fetch_items
+from planning.fetch_list import node_fetch_items
 from workers.sources.fetch_types import FetchOptions
 from workers.sources.hub_fetcher import NodeFetcher
 from workers.rank_worker import RankWorker

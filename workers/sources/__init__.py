@@ -11,7 +11,7 @@ the first source that claims it (``source_for``), a plan to the source of its ki
 | ``hub`` | ``workers.sources.hub`` | ``org/name`` (``revision=``) | ``workers.sources.hub_fetcher.NodeFetcher`` into the node's cache |
 
 What the pieces shared by sources are: ``workers.sources.hub_cache`` (the node's cache layout, its range
-store of part files and their manifests), ``workers.fetch_list`` (what a node fetches: whole files or
+store of part files and their manifests), ``planning.fetch_list`` (what a node fetches: whole files or
 the exact byte runs its ranks read, coalesced), ``workers.fetch_janitor`` (removes what a killed fetcher
 left half-written).
 
@@ -31,12 +31,15 @@ Adding a source (e.g. object storage, ``s3://bucket/prefix``) is one new module 
 5. ``fetcher_class()``: a plain class (the orchestrator runs one per node, as a Ray actor placed in that
    node's bundle) built as ``cls(plan, node, *, cache_dir, options, **fetch_settings())`` with
    ``fetch(token) -> workers.sources.fetch_types.NodeFetchOutcome`` (each file's local path: whole, or a part file
-   of the range store holding the ranges ``workers.fetch_list.node_fetch_items`` lists), ``progress()``,
+   of the range store holding the ranges ``planning.fetch_list.node_fetch_items`` lists), ``progress()``,
    ``cancel()`` and ``where()``; it must keep the security rules of the Hub fetcher (names checked with
    ``planning.validate.validate_names``, paths confined, bytes checked against the plan's sizes and
    header digests, the token taken from the object store, a killed fetch leaves nothing half-written) —
    or return None from ``fetcher_class`` and give ``paths_in_place(plan)`` if every node reads in place;
-6. ``fetch_settings()``: what fetchers take from the driver (an endpoint), else ``{}``.
+6. ``fetch_settings()``: what fetchers take from the driver (an endpoint), else ``{}``;
+7. ``confine(plan, name, path, *, where) -> str``: on a rank's node, the real path of a plan file it is
+   handed, refused (``CheckpointError``) unless it lies where this source keeps its files (the folder, the
+   cache's blobs and part files), so that a planted link cannot make a rank read another file.
 
 Plain classes and functions (no Ray); resolving runs on the driver.
 """

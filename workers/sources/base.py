@@ -46,6 +46,12 @@ class CheckpointSource(ABC):
     ) -> ResolvedModel:
         """The checkpoint ``plan`` was made from, resolved now (at the plan's revision, if the source has them)."""
 
+    @abstractmethod
+    def confine(self, plan: LoadPlan, name: str, path: str, *, where: str) -> str:
+        """The real path of plan file ``name`` handed to a rank at ``path`` on this node (``where``), if it lies
+        where this source keeps it, else a ``CheckpointError``: checked before the rank opens it
+        (``workers.node_files``), so that a planted link cannot make a rank read another file."""
+
     def fetcher_class(self) -> type | None:
         """The per-node fetcher: a plain class ``(plan, node, *, cache_dir, options, **fetch_settings())`` with
         ``fetch(token) -> NodeFetchOutcome``, ``progress() -> (done, total)``, ``cancel()`` and ``where()``.

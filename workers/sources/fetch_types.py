@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 
 from planning.errors import PlanError
-from workers.fetch_list import DEFAULT_MAX_GAP_BYTES, DEFAULT_WHOLE_ABOVE, MODES
+from planning.fetch_list import DEFAULT_MAX_GAP_BYTES, DEFAULT_WHOLE_ABOVE, MODES
 from workers.sources.http import RetryPolicy
 
 

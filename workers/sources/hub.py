@@ -38,7 +38,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from planning.checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, choose_layout, index_from_headers
-from planning.confinement import COMMIT_RE, check_commit, check_git_sha1, check_relative_name, check_repo_id, check_sha256
+from planning.confinement import COMMIT_RE, REPO_FOLDER_PREFIX, check_commit, check_git_sha1, check_relative_name, check_repo_id, check_sha256
 from planning.errors import CheckpointError, ConfigError
 from planning.planner import ResolvedModel
 from planning.safetensors_header import SafetensorsHeader, header_digest, header_length, parse_header, read_header
@@ -469,6 +469,25 @@ class HubRepo(CheckpointSource):
     ) -> ResolvedModel:
         """At the plan's commit."""
         return resolve_hub_model(plan.model.source, revision=plan.model.revision, cache_dir=cache_dir, token=token)
+
+    def confine(self, plan: LoadPlan, name: str, path: str, *, where: str) -> str:
+        """In this node's cache: a blob of the repo (or a file copied into its snapshot where symlinks are not
+        available), or a part file of meshload's range store for the plan's commit."""
+        m = plan.model
+        real = os.path.realpath(path)
+        repo = REPO_FOLDER_PREFIX + m.source.replace("/", "--")
+        parts = real.split(os.sep)
+        at = next((i for i in range(len(parts) - 1, -1, -1) if parts[i] == repo), None)
+        rest = parts[at + 1 :] if at is not None else []
+        if (rest[:1] == ["blobs"] and len(rest) == 2) or rest == ["snapshots", m.revision, *name.split("/")]:
+            return real  # a blob, or a file copied into the snapshot where symlinks are not available
+        expected = [hub_cache.RANGES_DIR, m.revision, *name.split("/")]
+        if rest[:-1] == expected[:-1] and rest[-1:] == [expected[-1] + ".part"]:
+            return real
+        raise CheckpointError(
+            f"{name}: {path} resolves to {real} on {where}, which is neither a blob of {repo} nor its "
+            f"range store; refused"
+        )
 
     def fetcher_class(self) -> type:
         from workers.sources.hub_fetcher import NodeFetcher

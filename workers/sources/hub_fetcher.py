@@ -4,7 +4,7 @@ cache, once per node.
 Nodes of a real cluster do not share a disk, and a rank must never download the whole repo for the
 slice it reads. The orchestrator runs exactly one ``NodeFetcher`` per node, on that node
 (``orchestrator.fetch_stage``; it is ``HubRepo.fetcher_class()``, ``workers.sources.hub``); it computes the
-node's fetch list (``workers.fetch_list``) and makes every listed file or byte range present in the
+node's fetch list (``planning.fetch_list``) and makes every listed file or byte range present in the
 node-local cache (``workers.sources.hub_cache`` layout), then hands the ranks local paths. This module is
 the coordination; the two ways a file arrives are their own modules:
 
@@ -41,7 +41,7 @@ from planning.errors import CheckpointError, MeshloadError, PlanError
 from planning.plan import LoadPlan
 from planning.validate import validate_names
 from workers.fetch_janitor import Janitor
-from workers.fetch_list import FetchItem, node_fetch_items
+from planning.fetch_list import FetchItem, node_fetch_items
 from workers.report import node_location
 from workers.sources import hub_cache
 from workers.sources.fetch_types import Cancelled, FetchedFile, FetchOptions, NodeFetchOutcome

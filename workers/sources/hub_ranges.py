@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from planning.errors import CheckpointError
 from planning.safetensors_header import header_digest, header_length, parse_header
-from workers.fetch_list import FetchItem
+from planning.fetch_list import FetchItem
 from workers.sources import hub_cache
 from workers.sources.fetch_types import ByteTally, FetchedFile
 from workers.sources.http import Target, first_line, ranged_get

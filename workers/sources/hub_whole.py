@@ -31,7 +31,7 @@ import os
 
 from planning.confinement import confined_path
 from planning.errors import CheckpointError
-from workers.fetch_list import FetchItem
+from planning.fetch_list import FetchItem
 from workers.fetch_janitor import remove_stale_downloads
 from workers.sources import hub_cache
 from workers.sources.fetch_types import ByteCounter, ByteTally, Cancelled, FetchedFile

@@ -74,5 +74,14 @@ class LocalFolder(CheckpointSource):
         except (CheckpointError, ConfigError) as exc:
             raise type(exc)(f"the plan names the checkpoint folder {m.root}, which cannot be resolved: {exc}") from None
 
+    def confine(self, plan: LoadPlan, name: str, path: str, *, where: str) -> str:
+        """Inside the plan's checkpoint folder (``planning.confinement``: in a Hugging Face cache snapshot, a
+        blob of the same repo), and exactly that file."""
+        m = plan.model
+        real = confined_path(m.root, name, what=f"{where}: {m.root}")
+        if os.path.realpath(path) != real:
+            raise CheckpointError(f"{name}: asked to read {path}, which is not {name} of {m.root}")
+        return real
+
     def paths_in_place(self, plan: LoadPlan) -> dict[str, str]:
         return {f.name: os.path.join(plan.model.root, f.name) for f in plan.files}

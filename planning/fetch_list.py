@@ -1,4 +1,4 @@
-"""What one node downloads of a Hub checkpoint: whole files, or exactly the byte runs its ranks read.
+"""What one node fetches of a checkpoint: whole files, or exactly the byte runs its ranks read.
 
 The plan's ``NodePlan.fetch`` lists the files a node's ranks touch, with covering spans per read (for
 a dim-1 slice, a span from the first row's slice to the last row's: nearly the whole tensor). That is
@@ -9,8 +9,10 @@ file and then coalesced: two runs closer than ``max_gap_bytes`` become one reque
 a few wasted bytes). A file whose ranges would cover at least ``whole_above`` of it is fetched whole
 instead (a whole file can be verified against its sha256 and reused by any tool).
 
-Pure; computed where the fetch runs (a source's node fetcher: ``workers.sources.hub_fetcher.NodeFetcher``),
-one node at a time.
+The one place that says what a node fetches: a source's node fetcher fetches these items
+(``workers.sources.hub_fetcher.NodeFetcher``), and ``meshload plan``'s "per node fetches" figure is their
+exact total (``planning.summary.node_read_bytes``). Pure (a function of the plan); computed where it is
+needed, one node at a time.
 """
 
 from __future__ import annotations

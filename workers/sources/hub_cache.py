@@ -14,10 +14,8 @@ meshload's own folder of the same repo (removing the repo's cache folder removes
     <cache>/models--org--name/meshload-ranges/<commit>/<file>.part   sparse, full-size; only listed ranges valid
     <cache>/models--org--name/meshload-ranges/<commit>/<file>.json   manifest: size, hashes, pieces present
 
-The manifest is replaced atomically and only after the bytes it lists are on disk (fsync), so a crash
-leaves a manifest that under-reports: those ranges are fetched again, never read as garbage. It records
-each piece as fetched with the sha256 of its bytes; a later fetch re-hashes the pieces it reuses, and a
-piece that no longer matches is dropped and fetched again.
+The pair is the part-file store's format (``workers.sources.part_store``: a manifest replaced only after
+the bytes it lists are fsync'ed, each piece with the sha256 of its bytes, re-hashed when reused).
 
 A whole file is hashed against the Hub's checksum when fetched; that it was is recorded, with the
 file's device, inode, size, mtime and ctime, in ``meshload-verified/<blob>.json``, so a later load
@@ -25,17 +23,17 @@ re-hashes it only if it changed (a blob is not trusted for its name).
 
 meshload's own folders and files are created private (0700/0600), opened with ``O_NOFOLLOW`` (a
 symlink planted in a shared cache is refused, never followed), replaced by atomic renames, and refused
-when they belong to another user or are writable by others. Snapshot entries are followed only into
+when they belong to another user or are writable by others (``workers.sources.private_files``). Snapshot entries are followed only into
 the same repo's ``blobs/`` (``planning.confinement``).
 
 Which cache folder: the ``cache_dir`` option, else ``MESHLOAD_CACHE_DIR``, else huggingface_hub's own
 default (``HF_HUB_CACHE``/``HF_HOME``) — each read where this code runs (the driver for planning, each
 node for fetching), so nodes without a shared disk each use their own.
 
-Writers of a file's entries (node fetchers, and planning, which keeps the headers it read) hold one
+Writers of a file's entries (node fetchers, and the Hub source's resolve, which keeps the headers it read) hold one
 file lock per file, in ``models--org--name/meshload-locks/`` (private, like the rest of meshload's).
 
-Path, lock and manifest helpers; no network. Used on the driver (planning, offline planning) and on
+Paths, refs, locks and stamps; no network. Used on the driver (resolving, also offline) and on
 every node (``workers.sources.hub_fetcher``).
 """
 

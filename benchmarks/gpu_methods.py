@@ -93,11 +93,12 @@ def meshload_worker(path: str, *, device: str) -> dict:
     import torch
 
     from planning.planner import make_plan
+    from workers.sources import resolve_model
     from workers.rank_worker import RankWorker
 
     t_imported = time.time()
     before = io_now()
-    plan = make_plan(path, device=device)
+    plan = make_plan(resolve_model(path), device=device)
     worker = RankWorker(plan, 0, device=device)
     t_read = time.time()
     worker.load({f.name: os.path.join(path, f.name) for f in plan.files})

@@ -29,13 +29,14 @@ from typing import TYPE_CHECKING
 from orchestrator.cluster import connect
 from orchestrator.loaded_model import LoadedModel
 from orchestrator.materialize import materialize
+from orchestrator.plan_cache import PlanCache, plan_key
 from orchestrator.rank_group import RankGroup
 from planning.build import node_blocks
 from planning.plan import LoadPlan
-from planning.plan_cache import PlanCache, plan_key
 from planning.plan_check import check_plan_matches
-from planning.planner import check_options, check_topology, make_plan, resolve_model, resolve_plan_checkpoint
+from planning.planner import check_options, check_topology, make_plan
 from planning.validate import validate_plan
+from workers.sources import resolve_model, resolve_plan_checkpoint, source_of
 
 if TYPE_CHECKING:  # the driver imports torch only once it handles tensors (LoadedModel)
     import torch
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # the driver imports torch only once it handles tensors (Load
 log = logging.getLogger("meshload")
 
 DEFAULT_TIMEOUT_S = 3600.0
+RESOLVE_OPTIONS = ("revision", "cache_dir", "token", "allow_pickle")  # the source's; the rest are planning's
 
 
 def plan(
@@ -74,7 +76,7 @@ def plan(
     attributes win, as with ``from_pretrained`` (``FineGrainedFP8Config(dequantize=True)``); docs/QUANTIZED.md.
     """
     return make_plan(
-        model,
+        resolve_model(model, revision=revision, cache_dir=cache_dir, token=token, allow_pickle=allow_pickle),
         tp=tp,
         pp=pp,
         nodes=nodes,
@@ -86,10 +88,6 @@ def plan(
         attn_implementation=attn_implementation,
         model_class=model_class,
         renamings=renamings,
-        revision=revision,
-        cache_dir=cache_dir,
-        token=token,
-        allow_pickle=allow_pickle,
         quantization=quantization,
     )
 
@@ -137,7 +135,7 @@ def load(
     ``plan_cache``: plans are kept on the driver's disk and reused when the checkpoint's config and
     headers, the options and meshload's planning code are the same (``True``: the default folder,
     ``$MESHLOAD_PLAN_CACHE`` or ``~/.cache/meshload/plans``; a path: that folder; ``False``: off); see
-    ``planning/plan_cache.py``. Use as a context manager, or call ``shutdown()``.
+    ``orchestrator/plan_cache.py``. Use as a context manager, or call ``shutdown()``.
     """
     phases = PhaseClock()
     device = model.device if isinstance(model, LoadPlan) else device
@@ -252,7 +250,7 @@ class _Planning:
     def start(cls, model, *, tp: int, pp: int, nodes: int, device: str, plan_cache, **plan_options) -> "_Planning":
         check_topology(tp, pp, nodes)
         check_options(device=device, attn_implementation=plan_options.get("attn_implementation"))
-        resolve_options = {k: plan_options[k] for k in ("revision", "cache_dir", "token", "allow_pickle") if k in plan_options}
+        resolve_options = {k: plan_options[k] for k in RESOLVE_OPTIONS if k in plan_options}
         resolved = resolve_model(model, **resolve_options)
         cache = key = None
         if plan_cache is not False:
@@ -268,7 +266,8 @@ class _Planning:
 
         def run() -> None:
             try:
-                p._plan = make_plan(model, tp=tp, pp=pp, nodes=nodes, device=device, resolved=resolved, **plan_options)
+                build_options = {k: v for k, v in plan_options.items() if k not in RESOLVE_OPTIONS}
+                p._plan = make_plan(resolved, tp=tp, pp=pp, nodes=nodes, device=device, **build_options)
                 if cache is not None:
                     cache.put(key, p._plan)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
@@ -329,14 +328,16 @@ def _rank_env(connection) -> dict[str, str]:
 
 
 def _rank_files(load_plan: LoadPlan, group: RankGroup, plan_options: dict, *, progress: bool, fetcher_cls: type | None):
-    """Where each rank reads: a local checkpoint's own files, or what each node fetched from the Hub."""
-    from orchestrator.fetch_stage import HubFetch, LocalFiles
+    """Where each rank reads: the files in place, or what each node fetched, as the plan's source says."""
+    from orchestrator.fetch_stage import FilesInPlace, NodeFetch
 
-    if load_plan.model.kind == "local":
-        return LocalFiles(load_plan)
-    return HubFetch(
+    source = source_of(load_plan)
+    if source.fetcher_class() is None:
+        return FilesInPlace(source.paths_in_place(load_plan))
+    return NodeFetch(
         load_plan,
         group,
+        source=source,
         cache_dir=plan_options.get("cache_dir"),
         token=plan_options.get("token"),
         mode=plan_options.get("mode"),

@@ -229,7 +229,7 @@ def run_bench(args) -> int:
     write_checkpoint(path, args.size, args.dtype)
     print(f"checkpoint {path} ready ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
 
-    from planning.planner import make_plan
+    from orchestrator import plan as make_plan
 
     full = make_plan(path, tp=1, dtype=args.dtype)
     results = {

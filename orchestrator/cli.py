@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -99,6 +100,16 @@ def _plan_kwargs(args) -> dict:
     )
 
 
+def write_picture(plan, path: str | os.PathLike, *, title: str | None = None) -> str:
+    """Write the plan's SVG picture (``planning.plan_picture.plan_svg``) to ``path`` (UTF-8); returns the path written."""
+    from planning.plan_picture import plan_svg
+
+    path = os.fspath(path)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(plan_svg(plan, title=title))
+    return path
+
+
 def cmd_plan(args) -> int:
     from orchestrator.api import plan
     from planning.plan_json import plan_to_json
@@ -106,8 +117,6 @@ def cmd_plan(args) -> int:
 
     load_plan = plan(args.model, **_plan_kwargs(args))
     if args.svg:
-        from planning.plan_picture import write_picture
-
         write_picture(load_plan, args.svg)
         print(f"plan picture written to {args.svg}", file=sys.stderr)
     if args.json:

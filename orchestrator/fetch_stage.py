@@ -1,7 +1,8 @@
-"""The fetch stage of a Hub load: each node downloads only what its ranks read, once, on that node.
+"""The fetch stage: each node fetches only what its ranks read, once, on that node, from the plan's source.
 
 Nodes of a real cluster do not share a disk, so the fetch must run *on* each node, into that node's
-cache, before its ranks read. ``HubFetch.fetch`` starts one ``workers.fetcher.NodeFetcher`` per
+cache, before its ranks read. ``NodeFetch.fetch`` starts one of the source's node fetchers
+(``CheckpointSource.fetcher_class``: ``workers.sources.hub_fetcher.NodeFetcher`` for the Hub) per
 planned node as a zero-CPU actor inside that node's placement-group bundle (bundle index = node index,
 so it lands where the node's ranks are), runs its ``fetch`` with the load's deadline, shows per-node
 progress (``NodeProgress``, verb "fetched") while polling it, and stops every fetcher afterwards (after
@@ -18,10 +19,12 @@ Where a node caches: the ``cache_dir`` option, else ``$MESHLOAD_CACHE_DIR`` as s
 huggingface_hub's default there. A ``token`` given to ``load`` reaches the fetchers through Ray's object
 store (not as an argument: actor arguments sit in Ray's control store); without one each node uses its
 own ``HF_TOKEN`` or stored login. Whole files or byte ranges: ``mode`` (default ``$MESHLOAD_FETCH`` on
-the driver, else ``"ranges"``; see ``workers.fetcher.FetchOptions``). The Hub endpoint is the driver's
-(the plan's commit was resolved there); offline mode on the driver makes every node fetch nothing.
+the driver, else ``"ranges"``; see ``workers.sources.fetch_types.FetchOptions``). What a fetcher takes from the
+driver is the source's ``fetch_settings()`` (the Hub: the driver's endpoint, where the plan's commit
+was resolved; offline mode on the driver makes every node fetch nothing).
 
-``LocalFiles`` is the same interface for a local checkpoint: every rank reads the files where they are.
+``FilesInPlace`` is the same interface for a source read in place (a local folder): every rank reads
+the files where they are.
 
 Runs on the driver; used by ``orchestrator.api.load`` and ``orchestrator.materialize``.
 """
@@ -29,7 +32,6 @@ Runs on the driver; used by ``orchestrator.api.load`` and ``orchestrator.materia
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, replace
 from functools import cache
@@ -38,11 +40,11 @@ from typing import TYPE_CHECKING
 from orchestrator.placement import PlacementError
 from orchestrator.progress import NodeProgress
 from orchestrator.rank_group import RankError, RankGroup, RankTimeout, group_errors, is_actor_death
-from planning.hub_index import hub_endpoint, hub_offline
 from planning.plan import LoadPlan
 
-if TYPE_CHECKING:  # imported by a Hub fetch only: a local load's driver does without numpy
-    from workers.fetcher import NodeFetchOutcome
+if TYPE_CHECKING:  # imported by a fetching source only: a local load's driver does without numpy
+    from workers.sources.fetch_types import NodeFetchOutcome
+    from workers.sources.base import CheckpointSource
 
 log = logging.getLogger("meshload")
 
@@ -68,11 +70,11 @@ class NodeFetchReport:
     restarts: int = 0  # times its fetcher died and was started again
 
 
-class LocalFiles:
-    """A local checkpoint: every rank reads the plan's files where they are; nothing to fetch."""
+class FilesInPlace:
+    """A source whose files every rank reads where they are (a local folder): nothing to fetch."""
 
-    def __init__(self, plan: LoadPlan) -> None:
-        self._paths = {f.name: os.path.join(plan.model.root, f.name) for f in plan.files}
+    def __init__(self, paths: dict[str, str]) -> None:
+        self._paths = dict(paths)
         self.report: list[NodeFetchReport] = []
 
     def stale(self, ranks: list[int]) -> list[int]:
@@ -98,18 +100,20 @@ def _shares(total: int, weights: list[int]) -> list[int]:
     return parts
 
 
-class HubFetch:
-    """The node-local files of a Hub load, per planned node (see module docstring).
+class NodeFetch:
+    """The node-local files of a load from a fetching source, per planned node (see module docstring).
 
-    ``mode``/``max_gap_bytes`` override ``$MESHLOAD_FETCH``/``$MESHLOAD_FETCH_MAX_GAP``; ``timeout_s``
-    (each ``fetch``) defaults to the group's deadline; ``fetcher_cls`` replaces ``NodeFetcher`` (tests
-    inject faults with it)."""
+    ``source``: the plan's (``workers.sources.source_of``), which gives the node fetcher's class and the
+    settings it takes from the driver. ``mode``/``max_gap_bytes`` override
+    ``$MESHLOAD_FETCH``/``$MESHLOAD_FETCH_MAX_GAP``; ``timeout_s`` (each ``fetch``) defaults to the group's
+    deadline; ``fetcher_cls`` replaces the source's fetcher class (tests inject faults with it)."""
 
     def __init__(
         self,
         plan: LoadPlan,
         group: RankGroup,
         *,
+        source: CheckpointSource,
         cache_dir: str | None = None,
         token: str | bool | None = None,
         progress: bool = True,
@@ -118,11 +122,12 @@ class HubFetch:
         timeout_s: float | None = None,
         fetcher_cls: type | None = None,
     ) -> None:
-        from workers.fetcher import FetchOptions
+        from workers.sources.fetch_types import FetchOptions
 
-        if plan.model.kind != "hub":
-            raise ValueError(f"HubFetch: {plan.model.source} is a {plan.model.kind} checkpoint, not a Hub one")
+        if source.fetcher_class() is None:
+            raise ValueError(f"NodeFetch: {plan.model.source} is a {plan.model.kind} checkpoint, read in place")
         self.plan = plan
+        self.source = source
         self.group = group
         self.options = FetchOptions.from_env(mode=mode, max_gap_bytes=max_gap_bytes)
         self.cache_dir = cache_dir
@@ -163,8 +168,8 @@ class HubFetch:
 
         nodes = [n.node for n in self.plan.nodes] if nodes is None else sorted(set(nodes))
         deadline = time.monotonic() + self.timeout_s
-        endpoint, offline = hub_endpoint(), hub_offline()
-        remote_cls = ray.remote(_fetcher_class() if self.fetcher_cls is None else _with_token_box(self.fetcher_cls))
+        settings = self.source.fetch_settings()  # read on the driver, the same for every node
+        remote_cls = ray.remote(_fetcher_class(self.source) if self.fetcher_cls is None else _with_token_box(self.fetcher_cls))
         if self._plan_ref is None:
             self._plan_ref = ray.put(self.plan)
         # The token travels through the object store, inside a list so that Ray hands the fetcher the
@@ -180,9 +185,7 @@ class HubFetch:
                     placement_group=self.group.pg, placement_group_bundle_index=node
                 ),
             ).remote(
-                self._plan_ref, node, cache_dir=self.cache_dir, endpoint=endpoint,
-                offline=True if offline else None,  # offline on the driver: on every node; else the node's own flag
-                options=self.options,
+                self._plan_ref, node, cache_dir=self.cache_dir, options=self.options, **settings,
             )
 
         fetchers: dict[int, object] = {}
@@ -331,16 +334,14 @@ class HubFetch:
         bar.update({self.plan.nodes[n].ranks[0]: s for n, s in states.items()})
 
 
-def _fetcher_class() -> type:
-    """The fetcher actor's class: ``NodeFetcher`` taking its token from the object store (``_with_token_box``)."""
-    from workers.fetcher import NodeFetcher
-
-    return _with_token_box(NodeFetcher)
+def _fetcher_class(source: CheckpointSource) -> type:
+    """The fetcher actor's class: the source's node fetcher taking its token from the object store (``_with_token_box``)."""
+    return _with_token_box(source.fetcher_class())
 
 
 @cache
 def _with_token_box(base: type) -> type:
-    """``base`` (``NodeFetcher`` or a subclass) with ``fetch_with(token_box)``: the token, if any, taken from the
+    """``base`` (a source's node fetcher, or a subclass) with ``fetch_with(token_box)``: the token, if any, taken from the
     object store on the node."""
 
     class NodeFetcherActor(base):

@@ -377,8 +377,8 @@ class LoadedModel:
         and shuts the model down, naming the ranks, nodes and phase."""
         import time
 
-        from planning.planner import resolve_model
         from planning.retarget import retarget_plan
+        from workers.sources import resolve_model
 
         self._require_live()
         t0 = time.perf_counter()

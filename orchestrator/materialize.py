@@ -64,7 +64,7 @@ def hand_over_ties(group: RankGroup, senders_of: dict[int, list[int]], receivers
 def materialize(plan: LoadPlan, group: RankGroup, files, *, progress: bool, ranks: list[int] | None = None) -> dict[int, RankReport]:
     """Run load / ties / finalize on ``ranks`` (default all) with bounded restarts; returns rank → report.
 
-    ``files`` (``orchestrator.fetch_stage.LocalFiles`` or ``HubFetch``) says where each rank reads, and
+    ``files`` (``orchestrator.fetch_stage.FilesInPlace`` or ``NodeFetch``) says where each rank reads, and
     fetches again for ranks re-placed on another machine."""
     import ray
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from planning.boxes import Box, full_box, translate
+from planning.byte_ranges import merge_ranges
 from planning.checkpoint_index import CheckpointIndex
 from planning.conversions import SourceMap
 from planning.errors import PlanError
@@ -242,13 +243,3 @@ def node_plans(ranks: tuple[RankPlan, ...], num_nodes: int, index: CheckpointInd
         out.append(NodePlan(node=node, ranks=tuple(r.rank for r in members), fetch=tuple(fetch)))
     return tuple(out)
 
-
-def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, overlapping or touching ranges joined."""
-    out: list[list[int]] = []
-    for a, b in sorted(ranges):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]

@@ -96,19 +96,31 @@ def find_checkpoint(path: str) -> tuple[str, str, str | None]:
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such file or folder")
     root = os.path.abspath(path)
-    for name, kind in (
-        (SAFE_INDEX, "safetensors-index"),
-        (SAFE_SINGLE, "safetensors-single"),
-        (PICKLE_INDEX, "pickle-index"),
-        (PICKLE_SINGLE, "pickle-single"),
-    ):
-        if os.path.isfile(os.path.join(root, name)):
-            return root, kind, name
-    singles = sorted(f for f in os.listdir(root) if f.endswith(".safetensors"))
+    kind, entry = choose_layout([n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n))], where=path)
+    return root, kind, entry
+
+
+def choose_layout(names, *, where: str) -> tuple[str, str]:
+    """A checkpoint's layout from the file names at its root (a folder's, a Hub repo's): ``(kind, entry)``,
+    kind ``"safetensors-index"``, ``"safetensors-single"``, ``"pickle-index"`` or ``"pickle-single"``.
+
+    Safetensors first: the sharded index, ``model.safetensors``, else a lone ``*.safetensors``; a pickle
+    checkpoint (``pytorch_model.bin[.index.json]``) only when there is none. ``where`` names the place in
+    the error."""
+    names = set(names)
+    if SAFE_INDEX in names:
+        return "safetensors-index", SAFE_INDEX
+    if SAFE_SINGLE in names:
+        return "safetensors-single", SAFE_SINGLE
+    singles = sorted(n for n in names if n.endswith(".safetensors") and "/" not in n)
     if len(singles) == 1:
-        return root, "safetensors-single", singles[0]
+        return "safetensors-single", singles[0]
+    if PICKLE_INDEX in names:
+        return "pickle-index", PICKLE_INDEX
+    if PICKLE_SINGLE in names:
+        return "pickle-single", PICKLE_SINGLE
     raise CheckpointError(
-        f"{path}: no {SAFE_INDEX}, {SAFE_SINGLE} or {PICKLE_SINGLE} found "
+        f"{where}: no {SAFE_INDEX}, {SAFE_SINGLE} or {PICKLE_SINGLE} found "
         f"(found {len(singles)} .safetensors files without an index)"
     )
 

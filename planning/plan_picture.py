@@ -22,7 +22,6 @@ Pure; runs on the driver (``meshload plan MODEL ... --svg FILE``). Never imports
 from __future__ import annotations
 
 import html
-import os
 import re
 from dataclasses import dataclass
 
@@ -390,11 +389,3 @@ def _legend(x: float, y: float) -> str:
     out.append(_text(x + 34, ly, "tie send: the owner stage reads a tied tensor once, then sends it to this rank"))
     out.append("</g>")
     return "".join(out)
-
-
-def write_picture(plan: LoadPlan, path: str | os.PathLike, *, title: str | None = None) -> str:
-    """Write the plan's SVG picture to ``path`` (UTF-8); returns the path written."""
-    path = os.fspath(path)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(plan_svg(plan, title=title))
-    return path

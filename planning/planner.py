@@ -1,23 +1,21 @@
-"""From "a model and a topology" to a validated ``LoadPlan``, reading headers only.
+"""From "a resolved checkpoint and a topology" to a validated ``LoadPlan``: pure, data in, plan out.
 
-This is the planning stage end to end: resolve the checkpoint (local folder, single file or Hub
-repo) into a ``CheckpointIndex`` and ``config.json``; build the meta skeleton; merge TP plans; map
-checkpoint tensors through converters; cut pipeline stages; plan every rank. No Ray, no weight bytes.
+This is the planning stage end to end, from a ``ResolvedModel`` (the ``CheckpointIndex`` and
+``config.json`` a checkpoint source read: ``workers.sources``): build the meta skeleton; merge TP
+plans; map checkpoint tensors through converters; cut pipeline stages; plan every rank. No Ray, no
+I/O, no weight bytes.
 
 Runs on the driver (``orchestrator.plan``/``load`` and ``meshload plan``).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from planning.checkpoint import CheckpointIndex, build_local_index, find_checkpoint
-from planning.confinement import confined_path
+from planning.checkpoint import CheckpointIndex
 from planning.conversions import build_source_map
-from planning.errors import CheckpointError, ConfigError, ConversionError, PlanError
+from planning.errors import ConversionError, PlanError
 from planning.pipeline import assign_stages
 from planning.quantization import quantization_of, scale_owner
 from planning.offload import rank_budgets, split_device_map
@@ -47,70 +45,14 @@ DEVICES = ("cpu", "cuda")
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A checkpoint located and indexed: where it is, its config, its tensors."""
+    """A checkpoint located and indexed by its source (``workers.sources``): where it is, its config, its tensors."""
 
     ref_source: str
-    kind: str  # "local" or "hub"
+    kind: str  # the source's kind (``workers.sources.SOURCES``): "local" or "hub"
     root: str | None
     revision: str | None
     config_dict: dict
     index: CheckpointIndex
-
-
-def resolve_model(
-    model: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    cache_dir: str | None = None,
-    token: str | bool | None = None,
-    allow_pickle: bool = False,
-) -> ResolvedModel:
-    """Locate ``model`` (a local folder, a ``.safetensors`` file, or a Hub repo id) and index it from headers."""
-    path = os.fspath(model)
-    if os.path.exists(path):
-        root, _, _ = find_checkpoint(path)
-        if not os.path.isfile(os.path.join(root, "config.json")):
-            raise ConfigError(f"{root}: no config.json next to the checkpoint")
-        config_path = confined_path(root, "config.json", what=root)
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                config_dict = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{config_path}: not valid JSON ({exc})") from None
-        index = build_local_index(path, allow_pickle=allow_pickle)
-        return ResolvedModel(path, "local", root, None, config_dict, index)
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise ConfigError(f"{path}: no such file or folder (and not a Hub repo id of the form 'org/name')")
-    from planning.hub_index import resolve_hub_model
-
-    return resolve_hub_model(path, revision=revision, cache_dir=cache_dir, token=token)
-
-
-def resolve_plan_checkpoint(
-    plan: LoadPlan, *, cache_dir: str | None = None, token: str | bool | None = None, allow_pickle: bool = False
-) -> ResolvedModel:
-    """The checkpoint ``plan`` names, resolved now (headers read again) so that the plan can be checked
-    against it (``planning.plan_check``) before anything runs. A local plan is resolved from its folder
-    (through the path it was planned from, when that still leads to the same folder); a Hub plan at its
-    commit. A pickle checkpoint needs ``allow_pickle`` here too."""
-    m = plan.model
-    if m.kind == "hub":
-        return resolve_model(m.source, revision=m.revision, cache_dir=cache_dir, token=token)
-    if m.checkpoint_format == "pickle" and not allow_pickle:
-        raise CheckpointError(
-            f"the plan of {m.source!r} reads a pickle checkpoint in {m.root}; pass allow_pickle=True to load it "
-            f"(it is read with torch.load(weights_only=True))"
-        )
-    source = m.root
-    try:
-        if os.path.exists(m.source) and find_checkpoint(m.source)[0] == m.root:
-            source = m.source  # e.g. a single .safetensors file next to others
-    except CheckpointError:
-        pass
-    try:
-        return resolve_model(source, allow_pickle=allow_pickle)
-    except (CheckpointError, ConfigError) as exc:
-        raise type(exc)(f"the plan names the checkpoint folder {m.root}, which cannot be resolved: {exc}") from None
 
 
 def resolve_dtype(dtype: str | torch.dtype, config, index: CheckpointIndex) -> torch.dtype:
@@ -149,7 +91,7 @@ def check_options(*, device: str, attn_implementation: str | None) -> None:
 
 
 def make_plan(
-    model: str | os.PathLike,
+    resolved: ResolvedModel,
     *,
     tp: int = 1,
     pp: int = 1,
@@ -162,21 +104,15 @@ def make_plan(
     attn_implementation: str | None = None,
     model_class: str | None = None,
     renamings: dict[str, str] | None = None,
-    revision: str | None = None,
-    cache_dir: str | None = None,
-    token: str | bool | None = None,
-    allow_pickle: bool = False,
-    resolved: ResolvedModel | None = None,
     quantization: QuantizationConfigMixin | dict | None = None,
 ) -> LoadPlan:
-    """Plan a load (see module docstring). ``resolved`` reuses an already indexed checkpoint.
+    """Plan a load of the checkpoint ``resolved`` (see module docstring).
 
     ``quantization``: a transformers quantization config of the checkpoint's own method whose loading
     attributes override the checkpoint's (``FineGrainedFP8Config(dequantize=True)``), as ``from_pretrained``
     merges them (``planning.quantization``)."""
     check_topology(tp, pp, nodes)
     check_options(device=device, attn_implementation=attn_implementation)
-    resolved = resolved or resolve_model(model, revision=revision, cache_dir=cache_dir, token=token, allow_pickle=allow_pickle)
     source = f"{resolved.ref_source}/config.json"
     config = config_from_dict(resolved.config_dict, source=source)
     torch_dtype = resolve_dtype(dtype, config, resolved.index)

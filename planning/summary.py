@@ -5,6 +5,8 @@ Pure; used by ``meshload plan`` and ``meshload load``.
 
 from __future__ import annotations
 
+import math
+
 from planning.offload import layer_tiers, stream_bytes, tier_bytes
 from planning.plan import LoadPlan, RankPlan
 from planning.quantization import scale_owner
@@ -68,11 +70,11 @@ def rank_table(plan: LoadPlan) -> str:
 
 
 def node_read_bytes(plan: LoadPlan, node: int) -> int:
-    """Bytes a node's ranks read, each distinct box once (ranks replicating a tensor read the same box),
-    plus the headers of the files they touch: what a node fetches in exact byte-range mode."""
-    boxes = {(i.tensor, i.src_box): i.nbytes for r in plan.nodes[node].ranks for p in plan.ranks[r].params for i in p.reads}
-    headers = {f.name: f.header_size for f in plan.files}
-    return sum(boxes.values()) + sum(headers[f.file] for f in plan.nodes[node].fetch)
+    """Bytes a node's ranks read, each byte once (ranks replicating a tensor read the same bytes), plus the
+    headers of the files they touch: what a node fetches in exact byte-range mode (``planning.fetch_list``)."""
+    from planning.fetch_list import node_fetch_items
+
+    return sum(i.nbytes for i in node_fetch_items(plan, node, mode="ranges", max_gap_bytes=0, whole_above=math.inf))
 
 
 def totals_text(plan: LoadPlan) -> str:

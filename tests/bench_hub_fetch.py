@@ -48,7 +48,8 @@ def write_checkpoint(path: str, *, hidden: int, layers: int, vocab: int, shard: 
 def run(args) -> list[str]:
     import orchestrator
     from tests.hub_server import HubServer
-    from workers.fetcher import FetchOptions, NodeFetcher
+    from workers.sources.fetch_types import FetchOptions
+    from workers.sources.hub_fetcher import NodeFetcher
 
     work = args.out or tempfile.mkdtemp(prefix="meshload-bench-")
     ckpt = write_checkpoint(os.path.join(work, "ckpt"), hidden=args.hidden, layers=args.layers, vocab=args.vocab, shard=args.shard)

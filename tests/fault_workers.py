@@ -16,7 +16,7 @@ import time
 
 import ray.cloudpickle
 
-from workers.fetcher import NodeFetcher
+from workers.sources.hub_fetcher import NodeFetcher
 from workers.rank_worker import RankWorker
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

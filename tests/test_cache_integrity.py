@@ -26,14 +26,15 @@ import stat
 import pytest
 
 import orchestrator
-import workers.fetcher
-from planning import hub_cache
+import workers.sources.hub_whole
+from workers.sources import hub_cache, part_store
 from planning.errors import CheckpointError
 from tests import checkpoints
 from tests.conftest import wait_until_clean
 from tests.hub_server import Fault, HubServer
 from tests.security_workers import RewritesAHeaderBeforeReading, flip_first_dtype
-from workers.fetcher import FetchOptions, NodeFetcher
+from workers.sources.fetch_types import FetchOptions
+from workers.sources.hub_fetcher import NodeFetcher
 from workers.rank_worker import RankWorker
 
 REPO, GIT_REPO = "org/medium", "org/in-git"
@@ -88,7 +89,7 @@ def test_each_fetched_range_is_recorded_with_its_checksum_and_rechecked_on_reuse
     part = _ranged(outcome)
     manifest_path = part.path[: -len(".part")] + ".json"
     f = hub.repos[REPO].files[part.file]
-    manifest = hub_cache.read_manifest(manifest_path, file=part.file, size=f.size, sha256=f.sha256)
+    manifest = part_store.read_manifest(manifest_path, file=part.file, size=f.size, sha256=f.sha256)
     with open(f.path, "rb") as src:
         original = src.read()
     assert manifest.pieces and all(hashlib.sha256(original[a:b]).hexdigest() == d for a, b, d in manifest.pieces)
@@ -137,8 +138,8 @@ def test_a_cached_blob_is_rehashed_when_it_changed_not_trusted_for_its_name(hub,
     plan = orchestrator.plan(REPO, tp=1, nodes=1)
     _, paths = _fetch(plan, cache, mode="files")
     hashed = []
-    real = workers.fetcher.checksum_of
-    monkeypatch.setattr(workers.fetcher, "checksum_of", lambda p, **k: hashed.append(p) or real(p, **k))
+    real = workers.sources.hub_whole.checksum_of
+    monkeypatch.setattr(workers.sources.hub_whole, "checksum_of", lambda p, **k: hashed.append(p) or real(p, **k))
     outcome, _ = _fetch(plan, cache, mode="files")
     assert all(f.from_cache for f in outcome.files) and hashed == []  # the very files hashed before: not again
     name = plan.files[0].name
@@ -197,7 +198,7 @@ def test_meshloads_files_are_private_and_planted_symlinks_are_refused(hub, cache
     os.unlink(data)
     os.symlink(precious, manifest)
     f = next(f for f in plan.files if f.name == part.file)
-    hub_cache.write_manifest(manifest, hub_cache.RangeManifest(f.name, f.size, f.sha256, ()))
+    part_store.write_manifest(manifest, part_store.RangeManifest(f.name, f.size, f.sha256, ()))
     assert not os.path.islink(manifest) and precious.read_bytes() == b"somebody's file"
     assert _mode(manifest) == 0o600
 

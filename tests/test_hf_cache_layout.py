@@ -19,14 +19,15 @@ import shutil
 import pytest
 
 import orchestrator
-from planning import hub_cache
+from workers.sources import hub_cache
 from planning.checkpoint import build_local_index
 from planning.errors import CheckpointError
 from tests import checkpoints
 from tests.conftest import wait_until_clean
 from tests.hub_server import HubServer
 from tests.test_hub_fetch import _load_in_process as load_in_process
-from workers.fetcher import FetchOptions, NodeFetcher
+from workers.sources.fetch_types import FetchOptions
+from workers.sources.hub_fetcher import NodeFetcher
 
 REPO, OTHER = "org/tiny", "org/other"
 UNREACHABLE = "http://127.0.0.1:9"  # nothing listens there

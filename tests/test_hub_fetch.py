@@ -24,14 +24,16 @@ import torch
 import orchestrator
 from planning.checkpoint import build_local_index
 from planning.errors import CheckpointError
-from planning.hub_cache import range_paths, read_manifest, repo_folder
 from planning.plan_json import plan_to_json
+from workers.sources.hub_cache import range_paths, repo_folder
+from workers.sources.part_store import read_manifest
 from tests import checkpoints, fault_workers
 from tests.conftest import _start_cluster, remove_a_rank_node_while_loading, wait_until_clean
 from tests.hub_server import Fault, HubServer
 from workers.assemble import assemble_state_dict
-from workers.fetch_list import node_fetch_items
-from workers.fetcher import FetchOptions, NodeFetcher
+from planning.fetch_list import node_fetch_items
+from workers.sources.fetch_types import FetchOptions
+from workers.sources.hub_fetcher import NodeFetcher
 from workers.rank_worker import RankWorker
 
 SHARDED, SINGLE, PICKLE, MEDIUM = "org/tiny-llama", "org/tiny-single", "org/tiny-pickle", "org/medium-llama"
@@ -165,8 +167,8 @@ def test_plan_of_a_hub_repo_downloads_headers_and_config_only(hub, repos):
 def test_a_cached_plan_of_a_hub_repo_is_not_reused_for_a_new_commit(hub, repos, tmp_path):
     """A new commit with the same weight files (a README added): headers and file hashes match, but the
     plan names the commit its ranks fetch from, so it is a new key."""
-    from planning.plan_cache import plan_key
-    from planning.planner import resolve_model
+    from orchestrator.plan_cache import plan_key
+    from workers.sources import resolve_model
 
     options = dict(tp=2, pp=1, nodes=2, device="cpu")
     key = plan_key(resolve_model(SHARDED), options)
@@ -187,7 +189,7 @@ def test_single_file_repo_and_index_match_local_headers(hub, repos):
     path, _ = repos[SINGLE]
     plan = orchestrator.plan(SINGLE, tp=2, nodes=1)
     assert [f.name for f in plan.files] == ["model.safetensors"]
-    from planning.hub_index import resolve_hub_model
+    from workers.sources.hub import resolve_hub_model
 
     resolved = resolve_hub_model(SINGLE, revision=hub.repos[SINGLE].commit, cache_dir=None, token=None)
     assert resolved.index.tensors == build_local_index(path).tensors
@@ -245,7 +247,7 @@ def test_fetch_lists_cover_exactly_the_bytes_read(hub):
 
 
 def test_range_arithmetic():
-    from planning.hub_cache import merge_ranges, subtract_ranges
+    from planning.byte_ranges import merge_ranges, subtract_ranges
 
     assert merge_ranges([(5, 9), (0, 3), (3, 4), (12, 20)]) == [(0, 4), (5, 9), (12, 20)]
     assert merge_ranges([(5, 9), (0, 3), (12, 20)], gap=2) == [(0, 9), (12, 20)]

@@ -16,9 +16,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("planning", "workers", "orchestrator")
 
-# The Hub index imports the planner's ResolvedModel and the planner calls resolve_hub_model: the sources
-# branch (issue 19, item 1) moves the Hub index out of planning/ and removes this cycle; nothing else may.
-KNOWN = {frozenset({"planning.planner", "planning.hub_index"})}
 
 
 def _modules() -> dict[str, Path]:
@@ -114,20 +111,13 @@ def test_the_graph_sees_imports_inside_functions():
 
 def test_no_import_cycles():
     graph = import_graph()
-    found = [c for c in cycles(graph) if frozenset(c) not in KNOWN]
+    found = cycles(graph)
     assert not found, "import cycles: " + " | ".join(_describe(c, graph) for c in found)
-
-
-@pytest.mark.xfail(reason="planning.planner <-> planning.hub_index: removed by the sources branch (issue 19, item 1), "
-                          "which moves the Hub index under workers/", strict=False)
-def test_no_known_cycles_left():
-    graph = import_graph()
-    assert not [c for c in cycles(graph) if frozenset(c) in KNOWN]
 
 
 def test_the_plan_types_import_no_builder():
     """``planning.plan`` holds the types only: it imports none of the modules that build, check or encode a plan."""
     builders = {"planning.build", "planning.validate", "planning.plan_json", "planning.planner", "planning.retarget",
-                "planning.plan_cache", "planning.plan_check", "planning.offload", "planning.tp_styles",
+                "planning.plan_check", "planning.offload", "planning.tp_styles",
                 "planning.tp_plans", "planning.conversions"}
     assert not import_graph()["planning.plan"] & builders

@@ -10,12 +10,12 @@ import json
 import pytest
 
 from orchestrator.cli import main as cli_main
-from planning import make_plan
+from orchestrator import plan as make_plan
 from planning.errors import PlanError
 from planning.offload import layer_tiers, stream_bytes, tier_bytes
 from planning.plan_json import plan_from_json, plan_to_json
 from planning.plan_check import check_plan_matches
-from planning.planner import resolve_model
+from workers.sources import resolve_model
 from tests import checkpoints
 
 LAYERS = 6

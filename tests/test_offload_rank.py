@@ -12,7 +12,7 @@ import struct
 import pytest
 import torch
 
-from planning import make_plan
+from orchestrator import plan as make_plan
 from planning.offload import layer_tiers
 from tests import checkpoints
 from workers.assemble import assemble_state_dict

@@ -17,9 +17,9 @@ import pytest
 import orchestrator
 import orchestrator.api
 from planning.errors import ConversionError
-from planning.plan_cache import PlanCache, plan_key
 from planning.plan_json import plan_to_json
-from planning.planner import resolve_model
+from orchestrator.plan_cache import PlanCache, plan_key
+from workers.sources import resolve_model
 from tests import checkpoints
 from tests.conftest import wait_until_clean
 

@@ -14,8 +14,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from planning.plan_picture import plan_svg, rank_segments, write_picture
-from planning.planner import make_plan
+from orchestrator.cli import write_picture
+from planning.plan_picture import plan_svg, rank_segments
+from orchestrator import plan as make_plan
 from tests import checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,7 +169,8 @@ def test_picture_module_does_not_import_ray(tied):
         "import sys\n"
         "from planning.planner import make_plan\n"
         "from planning.plan_picture import plan_svg\n"
-        f"plan_svg(make_plan({tied!r}, tp=2, pp=2, nodes=2))\n"
+        "from workers.sources import resolve_model\n"
+        f"plan_svg(make_plan(resolve_model({tied!r}), tp=2, pp=2, nodes=2))\n"
         "assert 'ray' not in sys.modules, 'plan_picture imported ray'\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)

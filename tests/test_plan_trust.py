@@ -18,15 +18,16 @@ import pytest
 
 import orchestrator
 import orchestrator.api
-from planning import hub_cache
+from workers.sources import hub_cache
 from planning.errors import CheckpointError, PlanError
 from planning.plan import LoadPlan
 from planning.plan_json import plan_from_json, plan_to_json
-from planning.plan_cache import PlanCache, plan_key
-from planning.planner import resolve_model
+from orchestrator.plan_cache import PlanCache, plan_key
+from workers.sources import resolve_model
 from tests import checkpoints
 from tests.hub_server import HubServer
-from workers.fetcher import FetchOptions, NodeFetcher
+from workers.sources.fetch_types import FetchOptions
+from workers.sources.hub_fetcher import NodeFetcher
 
 NOWHERE = "127.0.0.1:9"  # nothing listens: reaching connect() would be a ClusterError, not the plan's error
 REPO = "org/tiny"

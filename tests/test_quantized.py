@@ -221,8 +221,8 @@ def test_meshload_plan_shows_quantized_bytes_and_scales_per_rank(fp8, capsys):
 
 
 def test_the_plan_cache_keys_the_quantization_option(fp8):
-    from planning.plan_cache import plan_key
-    from planning.planner import resolve_model
+    from orchestrator.plan_cache import plan_key
+    from workers.sources import resolve_model
 
     resolved = resolve_model(fp8[0])
     keys = {plan_key(resolved, dict(tp=2, quantization=q))

@@ -19,6 +19,7 @@ import pytest
 import orchestrator
 import orchestrator.fetch_stage
 from planning.plan_json import plan_to_json
+from workers.sources import SOURCES
 from tests import checkpoints
 from tests.conftest import wait_until_clean
 from tests.hub_server import HubServer
@@ -80,8 +81,8 @@ def test_the_token_file_or_stdin_is_read_and_sent_to_the_hub_only(hub, tmp_path)
 def test_a_load_hands_the_token_to_the_node_fetchers_outside_their_arguments(ray_cluster, hub, folder, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    recording = recording_fetcher_class(orchestrator.fetch_stage._fetcher_class())
-    monkeypatch.setattr(orchestrator.fetch_stage, "_fetcher_class", lambda: recording)
+    recording = recording_fetcher_class(orchestrator.fetch_stage._fetcher_class(SOURCES["hub"]))
+    monkeypatch.setattr(orchestrator.fetch_stage, "_fetcher_class", lambda source: recording)
     cache = tmp_path / "cache"
     hub.reset_log()
     with orchestrator.load(REPO, tp=2, nodes=2, token=TOKEN, cache_dir=str(cache), fetch="files", progress=False) as m:

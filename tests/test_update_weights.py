@@ -32,7 +32,7 @@ def _addresses(ctx) -> dict[str, int]:
 # -- in one process (no Ray) ----------------------------------------------------------------------------
 @pytest.mark.parametrize("zero_copy", [True, False])
 def test_reload_reads_into_the_existing_storage_and_drops_the_cache(ckpts, zero_copy):
-    from planning.planner import resolve_model
+    from workers.sources import resolve_model
     from planning.retarget import retarget_plan
     from workers.rank_worker import RankWorker
 
@@ -59,7 +59,7 @@ def test_reload_reads_into_the_existing_storage_and_drops_the_cache(ckpts, zero_
 
 
 def test_retargeted_plan_is_a_fresh_plan_of_the_new_checkpoint(ckpts):
-    from planning.planner import resolve_model
+    from workers.sources import resolve_model
     from planning.retarget import retarget_plan
 
     step0, step1 = ckpts
@@ -82,7 +82,7 @@ def test_retargeted_plan_is_a_fresh_plan_of_the_new_checkpoint(ckpts):
     ids=["shape", "dtype", "missing", "new tensor"],
 )
 def test_a_checkpoint_a_fresh_load_would_plan_otherwise_is_refused(ckpts, tmp_path, change, message):
-    from planning.planner import resolve_model
+    from workers.sources import resolve_model
     from planning.retarget import retarget_plan
 
     step0, _ = ckpts
@@ -94,7 +94,7 @@ def test_a_checkpoint_a_fresh_load_would_plan_otherwise_is_refused(ckpts, tmp_pa
 def test_another_config_is_refused(ckpts, tmp_path):
     import json
 
-    from planning.planner import resolve_model
+    from workers.sources import resolve_model
     from planning.retarget import retarget_plan
 
     step0, _ = ckpts

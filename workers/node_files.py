@@ -5,9 +5,10 @@ node — the same path on every node for a local checkpoint, the node's cache fo
 may be another checkpoint at the same path, a file truncated or rewritten since planning, or a link
 planted to somewhere else. So before a rank reads a file it opens it here:
 
-- the path is confined by the rule of ``planning.confinement``, on this node: a local file must
-  resolve inside the plan's checkpoint folder (or, in a Hugging Face cache snapshot, to a blob of the
-  same repo); a Hub file to the repo's ``blobs/`` or meshload's range store in this node's cache;
+- the path is confined, on this node, by the rule of the plan's source (``CheckpointSource.confine``):
+  a local file must resolve inside the plan's checkpoint folder (or, in a Hugging Face cache snapshot,
+  to a blob of the same repo: ``planning.confinement``); a Hub file to the repo's ``blobs/`` or
+  meshload's range store in this node's cache;
 - the resolved file is opened with ``O_NOFOLLOW`` and must be a regular file of the plan's size;
 - its header (the first ``header_size`` bytes) must hash to the plan's ``header_sha256``: another
   checkpoint's header — other tensors, shapes, dtypes or offsets — is refused naming the node.
@@ -26,11 +27,10 @@ import hashlib
 import os
 import stat
 
-from planning.confinement import REPO_FOLDER_PREFIX, confined_path
 from planning.errors import CheckpointError
-from planning.hub_cache import RANGES_DIR
 from planning.plan import LoadPlan
 from workers.report import node_location
+from workers.sources import source_of
 
 
 class NodeFiles:
@@ -74,26 +74,7 @@ class NodeFiles:
         return fd
 
     def _confined(self, name: str, path: str) -> str:
-        m = self.plan.model
-        if m.kind == "local":
-            real = confined_path(m.root, name, what=f"{self._node()}: {m.root}")
-            if os.path.realpath(path) != real:
-                raise CheckpointError(f"{name}: asked to read {path}, which is not {name} of {m.root}")
-            return real
-        real = os.path.realpath(path)
-        repo = REPO_FOLDER_PREFIX + m.source.replace("/", "--")
-        parts = real.split(os.sep)
-        where = next((i for i in range(len(parts) - 1, -1, -1) if parts[i] == repo), None)
-        rest = parts[where + 1 :] if where is not None else []
-        if (rest[:1] == ["blobs"] and len(rest) == 2) or rest == ["snapshots", m.revision, *name.split("/")]:
-            return real  # a blob, or a file copied into the snapshot where symlinks are not available
-        expected = [RANGES_DIR, m.revision, *name.split("/")]
-        if rest[:-1] == expected[:-1] and rest[-1:] == [expected[-1] + ".part"]:
-            return real
-        raise CheckpointError(
-            f"{name}: {path} resolves to {real} on {self._node()}, which is neither a blob of {repo} nor its "
-            f"range store; refused"
-        )
+        return source_of(self.plan).confine(self.plan, name, path, where=self._node())
 
     @staticmethod
     def _node() -> str:

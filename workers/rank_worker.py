@@ -31,7 +31,6 @@ one process.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections.abc import Iterator

@@ -24,6 +24,9 @@ removed and planned again. Entries are written private (0600, in a folder create
 Folder: ``load(plan_cache=...)``, else ``$MESHLOAD_PLAN_CACHE``, else ``$XDG_CACHE_HOME/meshload/plans``
 (``~/.cache/meshload/plans``). Entries are small (a 1.1B Llama at tp=2: ~230 KB); the folder keeps the
 ``MAX_ENTRIES`` most recently used (a hit refreshes an entry), and may be deleted at any time.
+
+Runs on the driver (``orchestrator.api``): the plan cache is the orchestrator's, as its disk writes keep
+``planning/`` pure.
 """
 
 from __future__ import annotations
@@ -58,12 +61,13 @@ def plan_cache_dir(chosen: str | os.PathLike | None = None) -> Path:
 @cache
 def _code_fingerprint() -> str:
     """What makes plans: the plan format, torch, transformers, and meshload's planning sources."""
+    import planning
     from planning.plan import PLAN_FORMAT_VERSION
 
     h = hashlib.sha256(f"format {PLAN_FORMAT_VERSION}".encode())
     for dist in ("torch", "transformers"):
         h.update(f"{dist} {metadata.version(dist)}".encode())
-    here = Path(__file__).parent
+    here = Path(planning.__file__).parent
     for source in sorted(here.glob("*.py")):
         h.update(source.name.encode())
         h.update(source.read_bytes())

@@ -1,4 +1,4 @@
-"""Index a Hub checkpoint from its safetensors headers, fetched with HTTP range requests.
+"""The Hub source: index a Hub checkpoint from its safetensors headers, fetched with HTTP range requests.
 
 Planning a load of ``org/name`` must not download the shards: it needs each file's header (a few
 kilobytes: every tensor's dtype, shape and byte range), ``config.json``, the sharded index, and — for
@@ -11,7 +11,7 @@ the fetch stage — every file's size and sha256. This module gets exactly that:
    the standard layout so that other tools and offline planning reuse them);
 4. per safetensors file two range requests — ``bytes=0-7`` then exactly the JSON header — validated by
    ``planning.safetensors_header``. Not one byte of tensor data is requested. The header bytes are kept
-   in the cache's range store (``planning.hub_cache``: a sparse part holding just the header), so a
+   in the cache's range store (``workers.sources.hub_cache``: a sparse part holding just the header), so a
    later plan (online or offline), or a range fetch on this machine, does not ask for them again: a
    commit's header found intact in this machine's cache (a whole file meshload hashed and that has not
    changed since, or a part whose header pieces still hash as recorded) is used as it is.
@@ -23,7 +23,9 @@ Offline (``HF_HUB_OFFLINE=1``): the same index is built from the local cache —
 snapshot's config and index, each file's header from the cached file or from a range-fetched partial
 copy (which always holds its header). Everything missing is named in one ``CheckpointError``.
 
-Runs on the driver (``orchestrator.plan``/``load``, ``meshload plan``). No Ray, no tensor data.
+Runs on the driver (``orchestrator.plan``/``load``, ``meshload plan``). No Ray, no tensor data. ``HubRepo``
+(end of file) is this source's entry in ``workers.sources.SOURCES``; its node fetcher is
+``workers.sources.hub_fetcher.NodeFetcher``.
 """
 
 from __future__ import annotations
@@ -31,147 +33,63 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from planning import hub_cache
-from planning.checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, index_from_headers
-from planning.confinement import COMMIT_RE, check_commit, check_git_sha1, check_relative_name, check_repo_id, check_sha256
+from planning.checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, choose_layout, index_from_headers
+from planning.confinement import COMMIT_RE, REPO_FOLDER_PREFIX, check_commit, check_git_sha1, check_relative_name, check_repo_id, check_sha256
 from planning.errors import CheckpointError, ConfigError
 from planning.planner import ResolvedModel
 from planning.safetensors_header import SafetensorsHeader, header_digest, header_length, parse_header, read_header
+from workers.sources import hub_cache, part_store
+from workers.sources.base import CheckpointSource, looks_like_path
+from workers.sources.hub_common import describe_hub_error, hub_endpoint, hub_offline
+from workers.sources.private_files import read_private_json
+from workers.sources.http import RangeIgnored, RetryPolicy, Target, ranged_get, transient_error, unreachable
 
-try:  # huggingface_hub ≥ 2 speaks httpx2; 1.x spoke httpx
-    import httpx2 as httpx
-except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
-    import httpx
+if TYPE_CHECKING:
+    from planning.plan import LoadPlan
 
 log = logging.getLogger("meshload")
 
 HEADER_FETCH_WORKERS = 8
-HEADER_ATTEMPTS = 4
-RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+HEADER_RETRY = RetryPolicy(attempts=4)  # listing, config, index and header reads on the driver
+ONE_TRY = RetryPolicy(attempts=1)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-def hub_endpoint() -> str:
-    """The Hub endpoint, read now: ``$HF_ENDPOINT`` if set, else huggingface_hub's configured one."""
-    from huggingface_hub import constants
-
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-
-
-def hub_offline() -> bool:
-    """Offline mode, read now (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``, or huggingface_hub's own flag)."""
-    from huggingface_hub import constants
-
-    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
-    return constants.is_offline_mode() or any((v or "").strip().upper() in ("1", "ON", "YES", "TRUE") for v in flags)
-
-
-def http_status(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def transient_error(exc: BaseException) -> bool:
-    """Worth retrying: a timeout, a dropped connection, a body cut short, or HTTP 408/429/5xx (anywhere in the cause chain)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, httpx.TransportError) and not isinstance(exc, httpx.ProxyError):
-            return True
-        if http_status(exc) in RETRY_STATUS:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def describe_hub_error(exc: BaseException, *, repo_id: str, revision: str | None, what: str) -> CheckpointError:
-    """A ``CheckpointError`` naming the repo, revision and file for an error of huggingface_hub or the network."""
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        OfflineModeIsEnabled,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    rev = revision or "main"
-    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    if isinstance(exc, GatedRepoError):
-        return CheckpointError(f"{repo_id}: gated repo; accept its conditions on the Hub and pass token=... ({what})")
-    if isinstance(exc, RepositoryNotFoundError):
-        return CheckpointError(
-            f"{repo_id}: no such repo at {hub_endpoint()} (or it is private and no valid token was given) ({what})"
-        )
-    if isinstance(exc, RevisionNotFoundError):
-        return CheckpointError(f"{repo_id}: revision {rev!r} not found ({what})")
-    if isinstance(exc, RemoteEntryNotFoundError):
-        return CheckpointError(f"{repo_id}@{rev}: {what}: no such file in the repo")
-    if isinstance(exc, OfflineModeIsEnabled):
-        return CheckpointError(f"{repo_id}@{rev}: {what}: offline mode is on (HF_HUB_OFFLINE) and it is not cached")
-    status = http_status(exc)
-    if status is not None:
-        return CheckpointError(f"{repo_id}@{rev}: {what}: HTTP {status} from the Hub ({first_line})")
-    if isinstance(exc, httpx.TransportError):
-        return CheckpointError(
-            f"{repo_id}@{rev}: {what}: cannot reach the Hub at {hub_endpoint()} ({type(exc).__name__}: {first_line}); "
-            f"set HF_HUB_OFFLINE=1 to plan from the local cache"
-        )
-    return CheckpointError(f"{repo_id}@{rev}: {what}: {type(exc).__name__}: {first_line}")
-
-
-def _retrying(fn, *, repo_id: str, revision: str, what: str, attempts: int = HEADER_ATTEMPTS, base_s: float = 0.5):
-    """Call ``fn`` with retries on transient errors; anything else, or the last failure, as a ``CheckpointError``."""
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except CheckpointError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - translated below
-            # a connection refused has been retried by huggingface_hub already: the Hub is not there
-            if attempt + 1 < attempts and transient_error(exc) and not _unreachable(exc):
-                time.sleep(min(8.0, base_s * 2**attempt))
-                continue
-            raise describe_hub_error(exc, repo_id=repo_id, revision=revision, what=what) from exc
-    raise AssertionError("unreachable")
+def _retrying(fn, *, repo_id: str, revision: str, what: str):
+    """``fn()`` under the header reads' ``RetryPolicy`` (transient errors; not a Hub that cannot be reached at
+    all: huggingface_hub has retried that already); anything else, or the last failure, as a ``CheckpointError``."""
+    try:
+        return HEADER_RETRY.call(fn, retry_if=lambda exc: transient_error(exc) and not unreachable(exc))
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - translated
+        raise describe_hub_error(exc, repo_id=repo_id, revision=revision, what=what) from exc
 
 
 # -- range requests ------------------------------------------------------------------------------
 
 def read_range(url: str, *, start: int, stop: int, file: str, size: int, headers: dict[str, str], timeout: float) -> bytes:
-    """Bytes ``[start, stop)`` of the file at ``url`` with one HTTP range request (redirects followed).
+    """Bytes ``[start, stop)`` of the file at ``url`` (``workers.sources.http.ranged_get``, one try: the caller
+    retries). A server that ignores the range (HTTP 200) is refused, not read: that would be the whole shard;
+    the total size in ``Content-Range`` must be ``size`` (the repo listing's), or the file changed."""
+    buf = bytearray(stop - start)
 
-    A server that ignores the range (HTTP 200) is refused, not read: that would be the whole shard.
-    The total size in ``Content-Range`` must match ``size`` (the repo listing's), or the file changed.
-    """
-    from huggingface_hub.utils import get_session, hf_raise_for_status
+    def write(offset: int, chunk: bytes) -> None:
+        buf[offset - start : offset - start + len(chunk)] = chunk
 
-    want = stop - start
-    request_headers = {**headers, "Range": f"bytes={start}-{stop - 1}", "Accept-Encoding": "identity"}
-    with get_session().stream("GET", url, headers=request_headers, timeout=timeout, follow_redirects=True) as response:
-        hf_raise_for_status(response)
-        if response.status_code != 206:
-            raise CheckpointError(
-                f"{file}: the server answered HTTP {response.status_code} to a range request for bytes {start}-{stop - 1} "
-                f"of {response.url}; byte ranges are required to read headers without downloading the shard"
-            )
-        total = response.headers.get("Content-Range", "").rpartition("/")[2]
-        if total.isdigit() and int(total) != size:
-            raise CheckpointError(
-                f"{file}: the repo listing says {size} bytes but the server reports {total} (Content-Range of {response.url})"
-            )
-        buf = bytearray()
-        for chunk in response.iter_bytes():
-            buf += chunk
-            if len(buf) >= want:
-                break
-    if len(buf) < want:
-        raise httpx.RemoteProtocolError(f"{file}: range {start}-{stop - 1}: got {len(buf)} of {want} bytes")
-    return bytes(buf[:want])
+    try:
+        ranged_get(lambda refresh: Target(url, headers), start=start, stop=stop, size=size, file=file, write=write,
+                   timeout_s=timeout, policy=ONE_TRY)
+    except RangeIgnored:
+        raise CheckpointError(
+            f"{file}: the server answered HTTP 200 to a range request for bytes {start}-{stop - 1} of {url}; "
+            f"byte ranges are required to read headers without downloading the shard"
+        ) from None
+    return bytes(buf)
 
 
 def fetch_header(url: str, *, file: str, size: int, headers: dict[str, str], timeout: float) -> tuple[SafetensorsHeader, bytes]:
@@ -184,15 +102,16 @@ def fetch_header(url: str, *, file: str, size: int, headers: dict[str, str], tim
 
 # -- layout ----------------------------------------------------------------------------------------
 
-def choose_layout(names: set[str], *, where: str) -> tuple[str, str]:
-    """``("index", name)`` or ``("single", name)`` from the file names at the repo root; pickle-only is refused."""
-    if SAFE_INDEX in names:
-        return "index", SAFE_INDEX
-    if SAFE_SINGLE in names:
-        return "single", SAFE_SINGLE
+def hub_layout(names: set[str], *, where: str) -> tuple[str, str]:
+    """``("index", name)`` or ``("single", name)`` from the file names at the repo root
+    (``planning.checkpoint.choose_layout``); a repo whose weights are pickles only is refused."""
+    try:
+        kind, entry = choose_layout(names, where=where)
+    except CheckpointError:
+        kind, entry = None, None
+    if kind is not None and not kind.startswith("pickle"):
+        return ("index" if kind == "safetensors-index" else "single"), entry
     singles = sorted(n for n in names if n.endswith(".safetensors") and "/" not in n)
-    if len(singles) == 1:
-        return "single", singles[0]
     pickles = sorted(n for n in names if n in (PICKLE_INDEX, PICKLE_SINGLE) or n.endswith(PICKLE_SUFFIXES))
     if pickles and not singles:
         entry = PICKLE_INDEX if PICKLE_INDEX in pickles else pickles[0]
@@ -247,7 +166,7 @@ def resolve_hub_model(
     try:
         return _resolve_online(repo_id, revision=revision, root=root, token=token)
     except CheckpointError as exc:
-        if not _unreachable(exc):
+        if not unreachable(exc):
             raise
         try:
             resolved = _resolve_offline(repo_id, revision=revision, root=root)
@@ -256,19 +175,6 @@ def resolve_hub_model(
         log.warning("meshload: the Hub at %s cannot be reached (%s); %s@%s planned from the local cache %s",
                     hub_endpoint(), exc, repo_id, resolved.revision[:12], root)
         return resolved
-
-
-def _unreachable(exc: BaseException) -> bool:
-    """The Hub could not be reached at all: a connection error (or timeout) in the cause chain, no HTTP answer."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if http_status(exc) is not None:
-            return False
-        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def _resolve_online(repo_id: str, *, revision: str | None, root: str, token) -> ResolvedModel:
@@ -293,7 +199,7 @@ def _resolve_online(repo_id: str, *, revision: str | None, root: str, token) -> 
         )
         if isinstance(e, RepoFile)
     }
-    kind, entry = choose_layout(set(listing), where=where)
+    kind, entry = hub_layout(set(listing), where=where)
 
     def download(name: str) -> str:
         return _retrying(
@@ -388,18 +294,18 @@ def _cached_names(root: str, repo_id: str, commit: str) -> set[str]:
 
 
 def _partial_header(root: str, repo_id: str, commit: str, name: str, *, size: int | None = None,
-                    sha256: str | None = None) -> tuple[SafetensorsHeader, hub_cache.RangeManifest] | None:
+                    sha256: str | None = None) -> tuple[SafetensorsHeader, part_store.RangeManifest] | None:
     """The header of a range-fetched file, if its manifest covers it and the pieces holding it still hash
     as recorded (``size``/``sha256``: also those the manifest must describe)."""
     data, manifest_path = hub_cache.range_paths(root, repo_id, commit=commit, filename=name)
-    raw = hub_cache.read_private_json(manifest_path)
+    raw = read_private_json(manifest_path)
     if not isinstance(raw, dict):
         return None
     try:
         size, sha = (int(raw["size"]) if size is None else size), (raw.get("sha256") if sha256 is None else sha256)
     except (KeyError, TypeError, ValueError):
         return None
-    manifest = hub_cache.read_manifest(manifest_path, file=name, size=size, sha256=sha)
+    manifest = part_store.read_manifest(manifest_path, file=name, size=size, sha256=sha)
     if manifest is None or manifest.missing([(0, min(8, size))]):
         return None
     try:
@@ -411,7 +317,7 @@ def _partial_header(root: str, repo_id: str, commit: str, name: str, *, size: in
         n = header_length(prefix, file=name, file_size=size)
         if manifest.missing([(0, 8 + n)]):
             return None
-        if any(hub_cache.piece_digest(fd, a, b) != d for a, b, d in manifest.touching([(0, 8 + n)])):
+        if any(part_store.piece_digest(fd, a, b) != d for a, b, d in manifest.touching([(0, 8 + n)])):
             return None  # the part changed on disk: not a header to plan from
         body = os.pread(fd, n, 8)
     finally:
@@ -449,7 +355,7 @@ def _resolve_offline(repo_id: str, *, revision: str | None, root: str) -> Resolv
     if config_path is None:
         missing.append("config.json")
     try:
-        kind, entry = choose_layout(names, where=where)
+        kind, entry = hub_layout(names, where=where)
     except CheckpointError as exc:
         if "pickle" in str(exc):
             raise
@@ -490,3 +396,56 @@ def _resolve_offline(repo_id: str, *, revision: str | None, root: str) -> Resolv
     config_dict = _load_json(config_path, what=f"{where}/config.json", error=ConfigError)
     index = index_from_headers(None, headers, weight_map=weight_map, sha256=sha256, git_sha1=git_sha1, index_name=entry)
     return ResolvedModel(ref_source=repo_id, kind="hub", root=None, revision=commit, config_dict=config_dict, index=index)
+
+
+# -- the source ------------------------------------------------------------------------------------
+
+class HubRepo(CheckpointSource):
+    """A Hugging Face Hub repo id (``org/name``, ``revision=``): resolved by range requests on the driver
+    (above), fetched by each node into its own cache (``workers.sources.hub_fetcher.NodeFetcher``)."""
+
+    kind = "hub"
+
+    def claims(self, model: str) -> bool:
+        return not looks_like_path(model) and "://" not in model and model.count("/") <= 1
+
+    def resolve(
+        self, model: str, *, revision: str | None = None, cache_dir: str | None = None, token: str | bool | None = None,
+        allow_pickle: bool = False,
+    ) -> ResolvedModel:
+        return resolve_hub_model(model, revision=revision, cache_dir=cache_dir, token=token)
+
+    def resolve_plan(
+        self, plan: LoadPlan, *, cache_dir: str | None = None, token: str | bool | None = None, allow_pickle: bool = False
+    ) -> ResolvedModel:
+        """At the plan's commit."""
+        return resolve_hub_model(plan.model.source, revision=plan.model.revision, cache_dir=cache_dir, token=token)
+
+    def confine(self, plan: LoadPlan, name: str, path: str, *, where: str) -> str:
+        """In this node's cache: a blob of the repo (or a file copied into its snapshot where symlinks are not
+        available), or a part file of meshload's range store for the plan's commit."""
+        m = plan.model
+        real = os.path.realpath(path)
+        repo = REPO_FOLDER_PREFIX + m.source.replace("/", "--")
+        parts = real.split(os.sep)
+        at = next((i for i in range(len(parts) - 1, -1, -1) if parts[i] == repo), None)
+        rest = parts[at + 1 :] if at is not None else []
+        if (rest[:1] == ["blobs"] and len(rest) == 2) or rest == ["snapshots", m.revision, *name.split("/")]:
+            return real  # a blob, or a file copied into the snapshot where symlinks are not available
+        expected = [hub_cache.RANGES_DIR, m.revision, *name.split("/")]
+        if rest[:-1] == expected[:-1] and rest[-1:] == [expected[-1] + ".part"]:
+            return real
+        raise CheckpointError(
+            f"{name}: {path} resolves to {real} on {where}, which is neither a blob of {repo} nor its "
+            f"range store; refused"
+        )
+
+    def fetcher_class(self) -> type:
+        from workers.sources.hub_fetcher import NodeFetcher
+
+        return NodeFetcher
+
+    def fetch_settings(self) -> dict:
+        """The driver's endpoint (the plan's commit was resolved there); offline on the driver: on every node
+        (else each node's own flag)."""
+        return {"endpoint": hub_endpoint(), "offline": True if hub_offline() else None}

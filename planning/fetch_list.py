@@ -1,4 +1,4 @@
-"""What one node downloads of a Hub checkpoint: whole files, or exactly the byte runs its ranks read.
+"""What one node fetches of a checkpoint: whole files, or exactly the byte runs its ranks read.
 
 The plan's ``NodePlan.fetch`` lists the files a node's ranks touch, with covering spans per read (for
 a dim-1 slice, a span from the first row's slice to the last row's: nearly the whole tensor). That is
@@ -9,7 +9,10 @@ file and then coalesced: two runs closer than ``max_gap_bytes`` become one reque
 a few wasted bytes). A file whose ranges would cover at least ``whole_above`` of it is fetched whole
 instead (a whole file can be verified against its sha256 and reused by any tool).
 
-Pure; computed where the fetch runs (``workers.fetcher.NodeFetcher``), one node at a time.
+The one place that says what a node fetches: a source's node fetcher fetches these items
+(``workers.sources.hub_fetcher.NodeFetcher``), and ``meshload plan``'s "per node fetches" figure is their
+exact total (``planning.summary.node_read_bytes``). Pure (a function of the plan); computed where it is
+needed, one node at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planning.boxes import run_offsets, runs
+from planning.byte_ranges import merge_ranges
 from planning.errors import PlanError
 from planning.plan import LoadPlan
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
@@ -72,21 +76,6 @@ def exact_runs(plan: LoadPlan, node: int) -> dict[str, np.ndarray]:
     return {f: np.concatenate(p) for f, p in pieces.items()}
 
 
-def coalesce(spans: np.ndarray, *, gap: int) -> list[tuple[int, int]]:
-    """Sorted union of ``(start, stop)`` rows; spans at most ``gap`` bytes apart are joined."""
-    if len(spans) == 0:
-        return []
-    order = np.argsort(spans[:, 0], kind="stable")
-    starts, stops = spans[order, 0], spans[order, 1]
-    reach = np.maximum.accumulate(stops)
-    new_group = np.empty(len(starts), dtype=bool)
-    new_group[0] = True
-    new_group[1:] = starts[1:] > reach[:-1] + gap
-    first = np.flatnonzero(new_group)
-    last = np.append(first[1:], len(starts)) - 1
-    return [(int(a), int(b)) for a, b in zip(starts[first], reach[last])]
-
-
 def node_fetch_items(
     plan: LoadPlan,
     node: int,
@@ -110,7 +99,7 @@ def node_fetch_items(
         if mode == "ranges":
             rows = spans.get(name, np.empty((0, 2), dtype=np.int64))
             rows = np.concatenate([rows, np.array([[0, f.header_size]], dtype=np.int64)])
-            merged = coalesce(rows, gap=max_gap_bytes)
+            merged = merge_ranges(rows, gap=max_gap_bytes)
             if sum(b - a for a, b in merged) < whole_above * f.size:
                 ranges = tuple(merged)
         items.append(FetchItem(file=name, size=f.size, sha256=f.sha256, header_size=f.header_size, ranges=ranges,

@@ -1,0 +1,152 @@
+"""What every node fetcher takes and returns: its options, each fetched file, the node's outcome; and the
+byte tally a fetch keeps (written: progress; received: cost).
+
+Source-neutral: the fetch stage (``orchestrator.fetch_stage``) builds ``FetchOptions`` on the driver and
+reads ``NodeFetchOutcome`` back, whatever the source (``workers.sources``). Plain data; runs anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+from planning.errors import PlanError
+from planning.fetch_list import DEFAULT_MAX_GAP_BYTES, DEFAULT_WHOLE_ABOVE, MODES
+from workers.sources.http import RetryPolicy
+
+
+class Cancelled(Exception):
+    """Another file of this node failed for good; stop early."""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchOptions:
+    """How a node fetches. ``mode``: ``"ranges"`` (only the bytes read, coalesced; files needed almost
+    whole are fetched whole) or ``"files"`` (whole files)."""
+
+    mode: str = "ranges"
+    max_gap_bytes: int = DEFAULT_MAX_GAP_BYTES  # ranges closer than this are fetched as one request
+    whole_above: float = DEFAULT_WHOLE_ABOVE  # fetch the whole file when the ranges cover this fraction
+    max_attempts: int = 6  # per file (whole) or per range piece (``retry``)
+    backoff_s: float = 0.5  # first retry delay; doubles up to max_backoff_s (with jitter)
+    max_backoff_s: float = 8.0
+    timeout_s: float = 30.0  # per range request: connect, and silence between bytes
+    workers: int = 4  # files fetched concurrently (and range requests per file)
+    piece_bytes: int = 64 << 20  # a range is requested in pieces of at most this
+    lock_timeout_s: float = 3600.0  # waiting for another process fetching the same file
+    verify: bool = True  # sha256 of whole files against the Hub's LFS metadata
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise PlanError(f"fetch mode {self.mode!r}: expected one of {MODES}")
+        for name in ("max_attempts", "workers", "piece_bytes"):
+            if getattr(self, name) < 1:
+                raise PlanError(f"FetchOptions.{name}={getattr(self, name)} must be >= 1")
+        if self.max_gap_bytes < 0 or self.timeout_s <= 0 or self.backoff_s < 0:
+            raise PlanError(
+                f"FetchOptions: max_gap_bytes={self.max_gap_bytes}, timeout_s={self.timeout_s}, "
+                f"backoff_s={self.backoff_s} must be non-negative (timeout positive)"
+            )
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """The one retry policy of every request of the fetch (``workers.sources.http``)."""
+        return RetryPolicy(attempts=self.max_attempts, backoff_s=self.backoff_s, max_backoff_s=self.max_backoff_s)
+
+    @staticmethod
+    def from_env(**overrides) -> "FetchOptions":
+        """Defaults, then the environment, then ``overrides`` that are not None.
+
+        ``MESHLOAD_FETCH``: mode; ``MESHLOAD_FETCH_MAX_GAP``: bytes; ``MESHLOAD_FETCH_ATTEMPTS``: attempts.
+        """
+        values: dict = {}
+        for env, key, parse in (
+            ("MESHLOAD_FETCH", "mode", str),
+            ("MESHLOAD_FETCH_MAX_GAP", "max_gap_bytes", int),
+            ("MESHLOAD_FETCH_ATTEMPTS", "max_attempts", int),
+        ):
+            raw = os.environ.get(env, "").strip()
+            if not raw:
+                continue
+            try:
+                values[key] = parse(raw)
+            except ValueError:
+                raise PlanError(f"{env}={raw!r}: expected {'a whole number' if parse is int else 'text'}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return FetchOptions(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedFile:
+    """One file on this node: where the ranks read it, and what it cost."""
+
+    file: str
+    path: str  # a snapshot path (whole file) or a ``.part`` file (ranges)
+    whole: bool
+    bytes_needed: int  # planned: the file's size, or its ranges' total
+    bytes_fetched: int  # received over the network for it, retries included (whole files: as huggingface_hub
+    # reports it; a body cut before its first 10 MiB chunk was handed over is not seen)
+    from_cache: bool  # nothing had to be fetched
+
+
+@dataclass(frozen=True, slots=True)
+class NodeFetchOutcome:
+    node: int
+    files: tuple[FetchedFile, ...]
+    cache_dir: str
+    seconds: float
+    node_id: str
+    node_ip: str
+    host: str
+
+    @property
+    def bytes_fetched(self) -> int:
+        return sum(f.bytes_fetched for f in self.files)
+
+
+class ByteCounter:
+    """Stands in for the tqdm bar ``hf_hub_download`` drives: counts bytes instead of drawing them."""
+
+    def __init__(self, *, sink: "ByteTally", **kwargs) -> None:
+        self.n = kwargs.get("initial") or 0
+        self.total = kwargs.get("total")
+        self._sink = sink
+
+    def update(self, n: int = 1) -> None:  # bytes written to the file
+        self.n += n
+        self._sink.add_written(n)
+
+    def update_transfer(self, n: int) -> None:  # bytes received from the network
+        self._sink.add_transfer(n)
+
+    def set_postfix_str(self, *args, **kwargs) -> None:
+        pass
+
+    set_transfer_postfix_str = set_postfix_str
+    refresh = clear = close = set_postfix_str
+
+    def __enter__(self) -> "ByteCounter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+class ByteTally:
+    """Bytes of one file: written (progress) and received (cost); thread-safe."""
+
+    def __init__(self, on_written) -> None:
+        self._lock = threading.Lock()
+        self.written = 0
+        self.transfer = 0
+        self._on_written = on_written
+
+    def add_written(self, n: int) -> None:
+        with self._lock:
+            self.written += n
+        self._on_written(n)
+
+    def add_transfer(self, n: int) -> None:
+        with self._lock:
+            self.transfer += n

@@ -1,0 +1,199 @@
+"""The Hub's node fetcher: download what one node's ranks read of a Hub checkpoint into that node's own
+cache, once per node.
+
+Nodes of a real cluster do not share a disk, and a rank must never download the whole repo for the
+slice it reads. The orchestrator runs exactly one ``NodeFetcher`` per node, on that node
+(``orchestrator.fetch_stage``; it is ``HubRepo.fetcher_class()``, ``workers.sources.hub``); it computes the
+node's fetch list (``planning.fetch_list``) and makes every listed file or byte range present in the
+node-local cache (``workers.sources.hub_cache`` layout), then hands the ranks local paths. This module is
+the coordination; the two ways a file arrives are their own modules:
+
+- whole files: ``workers.sources.hub_whole`` (``hf_hub_download``, verified against the Hub's checksum);
+- byte ranges: ``workers.sources.hub_ranges`` (HTTP range requests into the part-file store).
+
+What it adds on top: once per node (one fetcher per node, and a file lock per file in the cache's
+meshload lock folder, so two loads, or two simulated nodes sharing a folder, never fetch the same file
+twice); files fetched concurrently (``FetchOptions.workers``), the first failure cancelling the rest;
+progress and cancellation callable from another thread.
+
+The plan is checked here too, on the node (``planning.validate.validate_names``): the commit, repo id,
+file names and hashes that go into cache paths. The Hub token is not an argument of the actor: it is
+given to ``fetch`` (the orchestrator hands it over through Ray's object store), else the node's own
+``HF_TOKEN`` / stored login is used.
+
+Offline (``offline=True``): nothing is requested; whatever is missing from the cache is named.
+
+A fetcher killed mid-fetch (its driver killed, the OOM killer) leaves nothing half-written: a watcher
+process (``workers.fetch_janitor``) removes its temporary download or unvouched part file at once.
+
+A plain class (no Ray): the orchestrator makes it an actor on each node; tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+
+from planning.errors import CheckpointError, MeshloadError, PlanError
+from planning.plan import LoadPlan
+from planning.validate import validate_names
+from workers.fetch_janitor import Janitor
+from planning.fetch_list import FetchItem, node_fetch_items
+from workers.report import node_location
+from workers.sources import hub_cache
+from workers.sources.fetch_types import Cancelled, FetchedFile, FetchOptions, NodeFetchOutcome
+from workers.sources.http import RangeIgnored
+from workers.sources.hub_common import hub_endpoint, hub_offline
+from workers.sources.hub_ranges import BadPart, RangeFiles
+from workers.sources.hub_whole import WholeFiles
+
+log = logging.getLogger("meshload")
+
+
+class NodeFetcher(WholeFiles, RangeFiles):
+    """Fetch node ``node``'s share of ``plan`` (a Hub checkpoint) into this machine's cache. See module docstring.
+
+    ``cache_dir``: else ``$MESHLOAD_CACHE_DIR`` here, else huggingface_hub's default here. ``endpoint``
+    and ``offline``: default to what this process sees (``HF_ENDPOINT``, ``HF_HUB_OFFLINE``). The plan's
+    names are checked before anything is touched.
+    """
+
+    def __init__(
+        self,
+        plan: LoadPlan,
+        node: int,
+        *,
+        cache_dir: str | None = None,
+        endpoint: str | None = None,
+        offline: bool | None = None,
+        options: FetchOptions | None = None,
+    ) -> None:
+        if plan.model.kind != "hub" or not plan.model.revision:
+            raise PlanError(f"{plan.model.source}: not a Hub checkpoint pinned to a commit; nothing to fetch")
+        if not 0 <= node < len(plan.nodes):
+            raise PlanError(f"node {node} is not in the plan (nodes 0-{len(plan.nodes) - 1})")
+        validate_names(plan)
+        self.plan = plan
+        self.node = node
+        self.repo_id = plan.model.source
+        self.commit = plan.model.revision
+        self.root = hub_cache.cache_root(cache_dir)
+        self.token: str | bool | None = None
+        self.endpoint = (endpoint or hub_endpoint()).rstrip("/")
+        self.offline = hub_offline() if offline is None else offline
+        self.options = options or FetchOptions()
+        self.fetch_items = node_fetch_items(
+            plan, node, mode=self.options.mode, max_gap_bytes=self.options.max_gap_bytes,
+            whole_above=self.options.whole_above,
+        )
+        self._progress_lock = threading.Lock()
+        self._done = 0
+        self._cancel = threading.Event()
+        self._locations: dict[str, str] = {}
+        self._janitor = Janitor()  # removes what this process leaves half-written if it is killed mid-fetch
+
+    # -- introspection -------------------------------------------------------------------------
+    def where(self) -> dict:
+        return {**node_location(), "cache_dir": self.root}
+
+    def cancel(self) -> None:
+        """Ask a running ``fetch`` to stop at the next file, attempt or range boundary (from another thread).
+
+        Downloads in flight finish or fail on their own, cleaning up after themselves, which killing the
+        process would not let them do.
+        """
+        self._cancel.set()
+
+    def progress(self) -> tuple[int, int]:
+        """(bytes in place, bytes planned) for this node; callable from another thread during ``fetch``."""
+        return self._done, sum(i.nbytes for i in self.fetch_items)
+
+    def _advance(self, n: int) -> None:
+        with self._progress_lock:
+            self._done += n
+
+    # -- the fetch -----------------------------------------------------------------------------
+    def fetch(self, token: str | bool | None = None) -> NodeFetchOutcome:
+        """Make every item of this node present locally; returns where each file is and what it cost.
+
+        ``token``: the Hub token (never logged); None: this node's ``HF_TOKEN`` or stored login."""
+        self.token = token
+        t0 = time.perf_counter()
+        results: dict[str, FetchedFile] = {}
+        errors: dict[str, BaseException] = {}
+        with ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="meshload-fetch") as pool:
+            futures = {pool.submit(self._fetch_item, item): item for item in self.fetch_items}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for fut in done:
+                    item = futures[fut]
+                    try:
+                        results[item.file] = fut.result()
+                    except Cancelled:
+                        pass
+                    except BaseException as exc:  # noqa: BLE001 - reported below, first one typed
+                        errors[item.file] = exc
+                        self._cancel.set()
+        self._janitor.close()
+        if not errors and len(results) < len(self.fetch_items):
+            missing = [i.file for i in self.fetch_items if i.file not in results]
+            raise CheckpointError(f"fetch into {self.root} was cancelled before {len(missing)} file(s): {missing}")
+        if errors:
+            first = next(iter(errors.values()))
+            if len(errors) == 1 and isinstance(first, MeshloadError):
+                raise first
+            lines = "; ".join(f"{type(e).__name__}: {e}" for _, e in sorted(errors.items()))
+            raise CheckpointError(f"{len(errors)} file(s) could not be fetched into {self.root}: {lines}")
+        where = self.where()
+        return NodeFetchOutcome(
+            node=self.node,
+            files=tuple(results[i.file] for i in self.fetch_items),
+            cache_dir=self.root,
+            seconds=time.perf_counter() - t0,
+            node_id=where["node_id"],
+            node_ip=where["node_ip"],
+            host=where["host"],
+        )
+
+    def _fetch_item(self, item: FetchItem) -> FetchedFile:
+        with self._file_lock(item):
+            if item.whole:
+                return self._fetch_whole(item)
+            for attempt in range(2):
+                try:
+                    return self._fetch_ranges(item)
+                except RangeIgnored as exc:
+                    log.warning("meshload: %s; fetching the whole file instead", exc)
+                    return self._fetch_whole(item)
+                except BadPart as exc:
+                    if attempt == 1:
+                        raise exc.args[0] from None
+                    log.warning("meshload: %s; part removed, fetching its ranges again", exc.args[0])
+            raise AssertionError("unreachable")
+
+    @contextmanager
+    def _file_lock(self, item: FetchItem):
+        """Hold this cache's lock for ``item`` (other fetchers of the same file, in any process, wait)."""
+        from filelock import Timeout
+
+        lock = hub_cache.file_lock(self.root, self.repo_id, commit=self.commit, filename=item.file, sha256=item.sha256,
+                                   timeout=self.options.lock_timeout_s)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise CheckpointError(
+                f"{item.file}: another process has held {lock.lock_file} for over "
+                f"{self.options.lock_timeout_s:g}s while fetching it into {self.root}"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled()

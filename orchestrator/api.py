@@ -196,7 +196,8 @@ def load(
                            timings=phases.seconds, plan_cached=planning.cached,
                            rank_files=lambda new_plan: _rank_files(new_plan, group, fetch_options, progress=False,
                                                                    fetcher_cls=fetcher_cls),
-                           resolve_options={k: plan_options[k] for k in ("cache_dir", "token", "allow_pickle") if k in plan_options})
+                           resolve_options={k: plan_options[k] for k in RESOLVE_OPTIONS  # update_weights names its own revision
+                                            if k != "revision" and k in plan_options})
     except BaseException as exc:
         try:
             if group is not None:

@@ -90,6 +90,7 @@ def test_worker_without_a_plan(ckpt):
     from workers.assemble import assemble_state_dict
 
     for w in workers:
-        w.finalize()
+        report = w.finalize()
+        assert report.skeleton_seconds > 0 and report.import_seconds >= 0  # timed on the skeleton's thread
     checkpoints.assert_state_equal(assemble_state_dict(plan, {w.rank: w.local_state() for w in workers}), oracle)
 

@@ -32,6 +32,7 @@ import time
 
 from benchmarks.gpu_methods import PROMPT, files_of
 from orchestrator.bench import evict, warm
+from workers.preload import preload_env
 
 LLAMA_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -42,6 +43,7 @@ TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_l
 PEERS = ("transformers", "safetensors", "fastsafetensors", "instanttensor", "instanttensor-direct", "runai")
 MESHLOAD = ("meshload-worker", "meshload-ray", "meshload-ray-cached", "meshload-embedded")
 RAY_PORT = 6391
+RAY_TEMP = f"/tmp/ray-gpu-load-{os.getuid()}"
 
 
 def random_llama(config, *, device: str):
@@ -129,15 +131,64 @@ def reference_digests(path: str, device: str) -> dict:
         return json.load(f)
 
 
-def start_cluster(device: str) -> str:
+def start_cluster(device: str, *, preload: bool) -> str:
+    """``ray start`` a one-node cluster, as ``cluster_configs/`` do: with ``preload``, its workers import what
+    a rank needs (``workers.preload``) and a first driver connects so that Ray starts its idle workers; this
+    returns once they are done importing (none of it timed)."""
     gpus = ["--num-gpus=1"] if device == "cuda" else []
+    env = {**os.environ, **(preload_env() if preload else {})}
     subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={RAY_PORT}", "--include-dashboard=false",
-                    "--disable-usage-stats", *gpus], check=True, capture_output=True)
-    return f"127.0.0.1:{RAY_PORT}"
+                    "--disable-usage-stats", f"--temp-dir={RAY_TEMP}", *gpus], check=True, capture_output=True, env=env)
+    address = f"127.0.0.1:{RAY_PORT}"
+    if preload:
+        subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={address!r}); ray.shutdown()"],
+                       check=True, capture_output=True)
+        print(f"idle Ray workers preloaded: {wait_for_idle_workers(expected=os.cpu_count() or 1, timeout_s=240.0)}", flush=True)
+    return address
+
+
+def wait_for_idle_workers(*, expected: int, timeout_s: float) -> int:
+    """Wait until ``expected`` idle Ray workers (Ray starts one per CPU) exist on this machine and have
+    stopped using CPU (their preloads done); how many there are."""
+    def workers() -> dict[str, float]:
+        out = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if not f.read().startswith(b"ray::IDLE"):  # the title Ray gives a worker with no task
+                        continue
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                out[pid] = int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+            except OSError:
+                continue
+        return out
+
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        now = workers()
+        # an idle worker still wakes now and then (its RPC threads): under 5% of a CPU counts as done
+        if len(now) >= expected and last and all(now[p] - last.get(p, 0) <= 10 for p in now):
+            return len(now)
+        last = now
+        time.sleep(2.0)
+    return len(last or {})
 
 
 def stop_cluster() -> None:
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    """Stop the cluster ``start_cluster`` started, and only it (``ray stop`` would stop every cluster of
+    the machine's user): its processes are those naming its own temp folder."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if RAY_TEMP.encode() in f.read():
+                        os.kill(int(pid), sig)
+            except OSError:
+                continue
+        time.sleep(2.0)
 
 
 def schedule(methods: list[str], caches: list[str], repeats: int, cold_methods: list[str] | None) -> list[tuple[int, str, str]]:
@@ -153,13 +204,13 @@ def schedule(methods: list[str], caches: list[str], repeats: int, cold_methods: 
 
 def run_all(path: str, *, methods: list[str], caches: list[str], repeats: int, device: str, out: str | None,
             timeout_s: float, checks: bool, cold_methods: list[str] | None = None, cold_ceilings=("cat", "threads1"),
-            with_ceilings: bool = True, checks_first: bool = False) -> dict:
+            with_ceilings: bool = True, checks_first: bool = False, preload: bool = True) -> dict:
     from benchmarks.io_ceiling import ceilings
 
     nbytes = sum(os.path.getsize(f) for f in files_of(path))
     reference = reference_digests(path, device)
     results: dict = {"checkpoint": path, "bytes": nbytes, "tensors": len(reference), "device": device,
-                     "machine": machine(), "runs": []}
+                     "machine": machine(), "preloaded_workers": preload, "runs": []}
 
     def save() -> None:
         if out:
@@ -172,7 +223,7 @@ def run_all(path: str, *, methods: list[str], caches: list[str], repeats: int, d
         save()
     address = None
     if any(m.startswith("meshload-ray") for m in methods) or checks:
-        address = start_cluster(device)
+        address = start_cluster(device, preload=preload)
     caches_root = os.path.join(os.path.dirname(os.path.abspath(path)), "meshload-plan-caches")
     filled = None  # the plan cache the last planning run filled: the cached runs reuse it
     try:
@@ -329,6 +380,8 @@ def main() -> None:
     parser.add_argument("--checks-first", action="store_true", help="run the tp=1/pp=2 checks before the timed runs")
     parser.add_argument("--no-ceilings", action="store_true")
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds per run")
+    parser.add_argument("--no-preload", action="store_true",
+                        help="start the Ray cluster without preloading its workers (workers.preload)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.command == "table":
@@ -345,7 +398,8 @@ def main() -> None:
                           device=args.device, out=args.out, timeout_s=args.timeout, checks=not args.no_checks,
                           cold_methods=args.cold_methods.split(",") if args.cold_methods else None,
                           cold_ceilings=args.cold_ceilings.split(",") if args.cold_ceilings else (),
-                          with_ceilings=not args.no_ceilings, checks_first=args.checks_first)
+                          with_ceilings=not args.no_ceilings, checks_first=args.checks_first,
+                          preload=not args.no_preload)
         print(print_table(results))
 
 

@@ -347,3 +347,42 @@ def test_readme_documents_every_cluster_config():
         assert f"cluster_configs/{name}" in section, name
     for command in ("ray up", "kubectl apply", "ray job submit --address", "--runtime-env", "meshload load"):
         assert command in section, command
+
+
+# -- preloaded workers ------------------------------------------------------------------------------
+
+
+def _ray_starts(config: dict) -> list[str]:
+    return [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_launcher_nodes_preload_what_a_rank_imports_and_start_their_idle_workers(name):
+    from workers.preload import preload_env
+
+    config = _load(name)
+    ((key, value),) = preload_env().items()
+    starts = _ray_starts(config)
+    assert starts and all(f"{key}={value} ray start" in c for c in starts), starts
+    workers = config["worker_start_ray_commands"]
+    start = next(i for i, c in enumerate(workers) if "ray start" in c)
+    assert any("ray.init(address='auto')" in c for c in workers[start + 1:]), "no driver connects after the worker's ray start"
+
+
+def test_kuberay_worker_groups_preload_what_a_rank_imports():
+    from workers.preload import preload_env
+
+    ((key, value),) = preload_env().items()
+    for group in _load(KUBERAY)["spec"]["workerGroupSpecs"]:
+        for container in group["template"]["spec"]["containers"]:
+            assert {"name": key, "value": value} in container["env"], group["groupName"]
+
+
+def test_the_preloaded_modules_import_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    from workers.preload import PRELOAD_MODULES
+
+    code = "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]; from workers.preload import preloaded; assert preloaded()"
+    subprocess.run([sys.executable, "-c", code, *PRELOAD_MODULES], check=True, cwd=REPO)

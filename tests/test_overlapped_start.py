@@ -94,3 +94,21 @@ def test_worker_without_a_plan(ckpt):
         assert report.skeleton_seconds > 0 and report.import_seconds >= 0  # timed on the skeleton's thread
     checkpoints.assert_state_equal(assemble_state_dict(plan, {w.rank: w.local_state() for w in workers}), oracle)
 
+
+
+def test_a_preloaded_rank_given_its_plan_builds_its_skeleton_before_it_reads(ckpt):
+    """In a process that already imported transformers' model code (a Ray worker preloaded with
+    ``workers.preload``; this test process too), the skeleton is built as the rank starts, not after
+    its reads; the weights are the same."""
+    import transformers.modeling_utils  # noqa: F401 - what a preloaded worker has
+
+    path, oracle = ckpt
+    plan = orchestrator.plan(path, tp=1)
+    worker = RankWorker(plan, 0)
+    worker._skeleton_thread.join(timeout=60)
+    assert "model" in worker._skeleton and "error" not in worker._skeleton
+    assert worker.progress.done == 0  # built before any read
+    worker.load({f.name: os.path.join(path, f.name) for f in plan.files})
+    report = worker.finalize()
+    assert report.import_seconds < 0.5
+    checkpoints.assert_state_equal(worker.local_state(), oracle)

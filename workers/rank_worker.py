@@ -50,6 +50,7 @@ from workers.fingerprint import fingerprint
 from workers.local_model import build_local_model, get_tensor, install, rebuild_meta_model
 from workers.offload_store import OffloadStore
 from workers.offload_stream import LayerStreamer
+from workers.preload import preloaded
 from workers.node_files import NodeFiles
 from workers.rank_context import RankContext
 from workers.reader import URING_DEPTH, CheckpointFiles, Progress, io_defaults, read_items, zero_copy_view
@@ -137,13 +138,14 @@ class RankWorker:
         # imports torch.distributed.tensor, dynamo, sympy). Without a plan yet, the import overlaps the
         # driver's planning. With one (a cached plan), it waits until the reads are done: run beside them it
         # holds the GIL that the read loop needs between chunks — measured on an H200, an 8B's reads went
-        # from 0.7 s to 6.5 s and the load got slower overall (docs/BENCHMARKS.md).
+        # from 0.7 s to 6.5 s and the load got slower overall (docs/BENCHMARKS.md). In a worker that Ray
+        # preloaded with it (workers.preload), the skeleton is built at once, before the reads start.
         self._skeleton: dict = {}
         self._attached = threading.Event()
         self._skeleton_thread = threading.Thread(target=self._prebuild, name="meshload-skeleton", daemon=True)
         if plan is not None:
             self._set_plan(plan)
-        else:
+        if plan is None or preloaded():
             self._skeleton_thread.start()
 
     def attach(self, plan: LoadPlan | str) -> None:

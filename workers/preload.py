@@ -21,6 +21,8 @@ Runs wherever a Ray node is started (the value of the setting) and in each rank 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # In the order they are imported; each one a prefix of what the next needs.
 PRELOAD_MODULES: tuple[str, ...] = ("torch", "transformers.modeling_utils", "workers.rank_worker")
@@ -35,3 +37,14 @@ def preload_env() -> dict[str, str]:
 def preloaded() -> bool:
     """Whether transformers' model code is already imported in this process (a preloaded worker)."""
     return "transformers.modeling_utils" in sys.modules
+
+
+@contextmanager
+def gil_switch_interval(seconds: float) -> Iterator[None]:
+    """Python's thread switch interval set to ``seconds`` for the block (process-wide), then restored."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)

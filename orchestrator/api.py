@@ -24,6 +24,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from orchestrator.cluster import connect
@@ -176,6 +177,8 @@ def load(
             plan=planning.ready(),  # a plan known already goes with the ranks' constructor
         )
         phases.mark("start ranks")
+        if group.preloaded.get(0):  # rank 0 can plan sooner than the driver, which imports transformers first
+            planning.delegate(lambda resolved, **kw: group.submit("plan_here", resolved, ranks=[0], **kw)[0])
         driver_torch = _import_torch_meanwhile(device)
         if not group.attached:
             load_plan = planning.result()
@@ -193,7 +196,7 @@ def load(
         if driver_torch is not None:
             driver_torch.join()
         return LoadedModel(load_plan, [reports[r] for r in group.ranks], group, connection, files=files, timeout_s=timeout_s,
-                           timings=phases.seconds, plan_cached=planning.cached,
+                           timings=phases.seconds, plan_cached=planning.cached, planned_on=planning.planned_on,
                            rank_files=lambda new_plan: _rank_files(new_plan, group, fetch_options, progress=False,
                                                                    fetcher_cls=fetcher_cls),
                            resolve_options={k: plan_options[k] for k in RESOLVE_OPTIONS  # update_weights names its own revision
@@ -235,9 +238,12 @@ class _Planning:
 
     def __init__(self) -> None:
         self._done = threading.Event()
+        self._lock = threading.Lock()
         self._plan: LoadPlan | None = None
         self._error: BaseException | None = None
         self.cached = False  # the plan came from the plan cache
+        self.planned_on = "driver"  # or "rank 0" (``delegate``)
+        self._request: tuple | None = None  # (resolved, make_plan's keywords, cache, key) while planning runs
 
     @classmethod
     def done(cls, plan: LoadPlan, *, cached: bool = False) -> "_Planning":
@@ -264,20 +270,52 @@ class _Planning:
                 log.info("meshload: plan reused from %s", cache.path(key))
                 return cls.done(cached, cached=True)
         p = cls()
+        build_options = {k: v for k, v in plan_options.items() if k not in RESOLVE_OPTIONS}
+        keywords = dict(tp=tp, pp=pp, nodes=nodes, device=device, **build_options)
+        p._request = (resolved, keywords, cache, key)
 
         def run() -> None:
             try:
-                build_options = {k: v for k, v in plan_options.items() if k not in RESOLVE_OPTIONS}
-                p._plan = make_plan(resolved, tp=tp, pp=pp, nodes=nodes, device=device, **build_options)
-                if cache is not None:
-                    cache.put(key, p._plan)
+                p._finish(make_plan(resolved, **keywords), on="driver")
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                p._error = exc
-            finally:
-                p._done.set()
+                with p._lock:
+                    if not p._done.is_set():
+                        p._error = exc
+                        p._done.set()
 
         threading.Thread(target=run, name="meshload-plan", daemon=True).start()
         return p
+
+    def _finish(self, plan: LoadPlan, *, on: str) -> None:
+        """The first plan made wins (the driver's or rank 0's: the same plan); it goes into the plan cache."""
+        with self._lock:
+            if self._done.is_set():
+                return
+            self._plan, self.planned_on = plan, on
+            self._done.set()
+        _, _, cache, key = self._request
+        if cache is not None:
+            cache.put(key, plan)
+
+    def delegate(self, submit: Callable[..., object]) -> None:
+        """Also plan on a rank, through ``submit(resolved, **keywords) -> object ref`` (``RankWorker.plan_here``),
+        while the driver goes on planning: a rank in a preloaded Ray worker (``workers.preload``) has
+        transformers' model code imported, which the driver imports first (4-6 s on an H200 host). The
+        first plan made is used. A rank's failure is only logged: the driver's planning reports errors."""
+        if self._done.is_set() or self._request is None:
+            return
+        import ray
+
+        resolved, keywords, _, _ = self._request
+        ref = submit(resolved, **keywords)
+
+        def wait() -> None:
+            try:
+                self._finish(ray.get(ref), on="rank 0")
+            except BaseException as exc:  # noqa: BLE001 - the driver's planning goes on and decides
+                log.warning("meshload: planning on rank 0 failed (the driver's planning goes on): %s", exc)
+
+        threading.Thread(target=wait, name="meshload-plan-on-rank", daemon=True).start()
 
     def wait_error(self, timeout_s: float = 300.0) -> BaseException | None:
         """Planning's error once it has finished (None if it succeeded or is still running after ``timeout_s``)."""

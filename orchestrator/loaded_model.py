@@ -54,13 +54,14 @@ T = TypeVar("T")
 class LoadedModel:
     def __init__(
         self, plan: LoadPlan, report: list[RankReport], group, connection, *, files, timeout_s: float = 600.0,
-        timings: dict[str, float] | None = None, plan_cached: bool = False,
+        timings: dict[str, float] | None = None, plan_cached: bool = False, planned_on: str = "driver",
         rank_files: Callable[[LoadPlan], object], resolve_options: dict | None = None,
     ) -> None:
         self.plan = plan
         self.report = report
         self.timings = dict(timings or {})  # wall seconds per step of the load, on the driver
         self.plan_cached = plan_cached  # the plan was reused from the plan cache (no planning ran)
+        self.planned_on = planned_on  # "driver", or "rank 0" when a preloaded rank planned first
         self.timeout_s = timeout_s
         self._files = files  # where each rank reads (orchestrator.fetch_stage): a restored rank reads there again
         self._rank_files = rank_files  # plan → where each rank reads it (update_weights' new checkpoint)

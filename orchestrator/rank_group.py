@@ -142,6 +142,7 @@ class RankGroup:
         self.pg = None
         self.where: dict[int, str] = {}  # rank → its node's IP, from placement on
         self.node_ids: dict[int, str] = {}  # rank → Ray node id
+        self.preloaded: dict[int, bool] = {}  # rank → its process had transformers imported (workers.preload)
         self.restarts: dict[int, int] = dict.fromkeys(range(len(self.node_of_rank)), 0)
         self.budget: dict[int, int] = dict.fromkeys(range(len(self.node_of_rank)), 0)
         self._spawn: Callable[[int], object] | None = None
@@ -252,6 +253,7 @@ class RankGroup:
     def _record(self, rank: int, info: dict) -> None:
         self.where[rank] = f"{info['node_ip'] or info['host']}"
         self.node_ids[rank] = info["node_id"]
+        self.preloaded[rank] = bool(info.get("preloaded"))
 
     # -- deaths ----------------------------------------------------------------------------------
     def settle(self, errors: dict[int, BaseException], *, phase: str, suspects: Sequence[int] = ()) -> set[int]:

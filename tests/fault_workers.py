@@ -75,6 +75,22 @@ def announces_start(marker_dir: str) -> type:
     return AnnouncesStart
 
 
+def preloaded_planner(marker_dir: str) -> type:
+    """A worker that says its process is preloaded (``workers.preload``) and leaves ``planned-<rank>`` in
+    ``marker_dir`` once it has made a plan with ``plan_here``."""
+
+    class PreloadedPlanner(RankWorker):
+        def where(self):
+            return {**super().where(), "preloaded": True}
+
+        def plan_here(self, resolved, **options):
+            plan = super().plan_here(resolved, **options)
+            open(os.path.join(marker_dir, f"planned-{self.rank}"), "w").close()
+            return plan
+
+    return PreloadedPlanner
+
+
 def _next_attempt(marker_dir: str, name: str, times: int) -> bool:
     """True (and the attempt booked) while ``name`` has died fewer than ``times`` times."""
     attempts = len([f for f in os.listdir(marker_dir) if f.startswith(f"{name}-")])

@@ -112,3 +112,33 @@ def test_a_preloaded_rank_given_its_plan_builds_its_skeleton_before_it_reads(ckp
     report = worker.finalize()
     assert report.import_seconds < 0.5
     checkpoints.assert_state_equal(worker.local_state(), oracle)
+
+
+@pytest.mark.cluster
+def test_a_preloaded_rank_0_plans_while_the_driver_still_imports_and_its_plan_is_used(ray_cluster, ckpt, tmp_path, monkeypatch):
+    """Rank 0 says it is preloaded: the driver asks it to plan too; the driver's own planning is held
+    back until rank 0 has planned, so rank 0's plan is the one used — loaded bit-exact, and cached."""
+    path, oracle = ckpt
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    real = orchestrator.api.make_plan
+
+    def after_rank_0(*args, **kwargs):
+        deadline = time.monotonic() + 120
+        while not (markers / "planned-0").exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("rank 0 was never asked to plan")
+            time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(orchestrator.api, "make_plan", after_rank_0)
+    cache = tmp_path / "plans"
+    worker = fault_workers.preloaded_planner(str(markers))
+    with orchestrator.load(path, tp=2, nodes=2, worker_cls=worker, progress=False, plan_cache=str(cache)) as m:
+        assert m.planned_on == "rank 0"
+        checkpoints.assert_state_equal(m.full_state_dict(), oracle)
+        assert m.plan == orchestrator.plan(path, tp=2, nodes=2)
+    assert sorted(os.listdir(markers)) == ["planned-0"]
+    with orchestrator.load(path, tp=2, nodes=2, progress=False, plan_cache=str(cache)) as again:
+        assert again.plan_cached and again.plan == m.plan
+    assert wait_until_clean() == ([], [])

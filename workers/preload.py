@@ -35,8 +35,10 @@ def preload_env() -> dict[str, str]:
 
 
 def preloaded() -> bool:
-    """Whether transformers' model code is already imported in this process (a preloaded worker)."""
-    return "transformers.modeling_utils" in sys.modules
+    """Whether transformers' model code is imported in this process (a preloaded worker) — done, not under
+    way on another thread (a module is in ``sys.modules`` from the start of its import)."""
+    module = sys.modules.get("transformers.modeling_utils")
+    return module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False)
 
 
 @contextmanager

@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Iterator
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -59,6 +60,9 @@ from workers.stage_runner import StageRunner
 from workers.staging import StagingRing
 from workers.tp_runtime import GroupSlot, apply_tensor_parallel
 from workers.wire import from_wire, to_wire
+
+if TYPE_CHECKING:
+    from planning.planner import ResolvedModel
 
 
 def allocate_params(params: list[ParamPlan], device: torch.device) -> dict[str, torch.Tensor]:
@@ -142,6 +146,7 @@ class RankWorker:
         # preloaded with it (workers.preload), the skeleton is built at once, before the reads start.
         self._skeleton: dict = {}
         self._attached = threading.Event()
+        self._imported = threading.Event()  # transformers' model code imported (or its import failed)
         self._skeleton_thread = threading.Thread(target=self._prebuild, name="meshload-skeleton", daemon=True)
         if plan is not None:
             self._set_plan(plan)
@@ -189,8 +194,10 @@ class RankWorker:
     def _prebuild(self) -> None:
         try:
             t0 = time.perf_counter()
-            import transformers.modeling_utils  # noqa: F401 - the bulk of the import time, needed by any model
-
+            try:
+                import transformers.modeling_utils  # noqa: F401 - the bulk of the import time, needed by any model
+            finally:
+                self._imported.set()
             self._skeleton["import_s"] = time.perf_counter() - t0
             self._attached.wait()  # attach() comes with the constructor or from a later call
             t0 = time.perf_counter()
@@ -204,8 +211,19 @@ class RankWorker:
 
     # -- introspection -------------------------------------------------------------------------
     def where(self) -> dict:
-        """Where this rank runs: Ray node id (if under Ray), IP, host, pid."""
-        return {"rank": self.rank, **node_location()}
+        """Where this rank runs: Ray node id (if under Ray), IP, host, pid; and whether its process has
+        transformers' model code imported already (``workers.preload``)."""
+        return {"rank": self.rank, **node_location(), "preloaded": preloaded()}
+
+    def plan_here(self, resolved: ResolvedModel, **options) -> LoadPlan:
+        """``planning.planner.make_plan`` run in this rank's process, for a driver that has not imported
+        transformers' model code yet: in a preloaded worker building the skeleton takes well under a
+        second, where the driver's own import takes seconds. Pure: the same plan the driver would make."""
+        from planning.planner import make_plan
+
+        self._start_prebuild()
+        self._imported.wait()  # the skeleton thread's import of transformers: never two imports at once
+        return make_plan(resolved, **options)
 
     def get_progress(self) -> tuple[int, int]:
         return self.progress.done, self.progress.total

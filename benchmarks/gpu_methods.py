@@ -83,7 +83,8 @@ def meshload_ray(path: str, *, device: str, address: str, plan_cache: str | None
             "t_imported": t_imported, "t_call": t_imported, "t_weights": report.weights_ready_at, "t_ready": t_ready,
             "t_logits": t_logits, "digests": {k: [d, list(s), f] for k, (d, s, f) in prints.items()},
             "read_bytes": report.disk_read_bytes, "peak_rss_bytes": report.peak_rss_bytes,
-            "peak_device_bytes": report.peak_device_bytes, "plan_cached": m.plan_cached, "timings": m.timings,
+            "peak_device_bytes": report.peak_device_bytes, "plan_cached": m.plan_cached, "planned_on": m.planned_on,
+            "timings": m.timings,
             "rank_process_s": report.process_seconds, "rank_import_s": report.import_seconds,
             "rank_skeleton_s": report.skeleton_seconds, "rank_build_s": report.build_seconds, "read_s": report.read_seconds, "logits_sum": float(logits.float().sum()),
         }

@@ -142,3 +142,15 @@ def test_flags_reach_the_api_as_the_options_they_name(tmp_path):
     assert (load.plan_cache, load.zero_copy, load.fetch, load.fetch_gap_bytes) == (False, False, "files", 0)
     fetch = load.fetch_options()
     assert (fetch.mode, fetch.max_gap_bytes) == ("files", 0)
+
+
+def test_the_readme_table_of_options_names_every_option_and_no_other():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("Options of `plan` and `load`"):readme.index("Errors are typed")]
+    documented = {name for row in table.splitlines() if row.startswith("| `")
+                  for name in re.findall(r"`(\w+)`", row.split(" | ")[0])}
+    declared = {f.name for g in (PlanOptions, SourceOptions, LoadOptions) for f in fields(g)}
+    assert documented == declared, f"README only: {documented - declared}; undocumented: {declared - documented}"

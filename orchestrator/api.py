@@ -249,8 +249,8 @@ class _Planning:
             cache = PlanCache(None if plan_cache is True else plan_cache)
             # the key: the topology, and every other option given a value of its own (token and cache_dir
             # say where, not what: the same plan)
-            key_options = dict(tp=options.tp, pp=options.pp, nodes=options.nodes, device=options.device,
-                               **changed(options), **changed(replace(source_options, token=None, cache_dir=None)))
+            key_options = {"tp": options.tp, "pp": options.pp, "nodes": options.nodes, "device": options.device,
+                           **changed(options), **changed(replace(source_options, token=None, cache_dir=None))}
             key = plan_key(resolved, key_options)
             cached = cache.get(key, check=lambda entry: check_plan_matches(entry, resolved, options=key_options))
             if cached is not None:

@@ -154,3 +154,24 @@ def test_the_readme_table_of_options_names_every_option_and_no_other():
                   for name in re.findall(r"`(\w+)`", row.split(" | ")[0])}
     declared = {f.name for g in (PlanOptions, SourceOptions, LoadOptions) for f in fields(g)}
     assert documented == declared, f"README only: {documented - declared}; undocumented: {declared - documented}"
+
+
+def test_the_plan_cache_key_is_the_options_whatever_way_they_were_given(tmp_path):
+    """A plan is cached under its topology and every option given a value other than its default: the same
+    options (a default written out or left out) reuse it; another dtype, or where the token lives, do not."""
+    from orchestrator.api import _Planning
+    from tests import checkpoints
+
+    path = checkpoints.llama(str(tmp_path / "llama"))
+    cache = str(tmp_path / "plans")
+
+    def start(**given):
+        plan, source = option_groups(given, PlanOptions, SourceOptions)
+        return _Planning.start(path, plan, source, plan_cache=cache)
+
+    first = start(tp=2, nodes=2, dtype="float32")
+    assert not first.cached and first.result().dtype == "float32"
+    again = start(tp=2, nodes=2, dtype="float32", pp=1, model_class=None, cache_dir=str(tmp_path / "hub"))
+    assert again.cached and again.result() == first.result()
+    other = start(tp=2, nodes=2, dtype="bfloat16")
+    assert not other.cached and other.result().dtype == "bfloat16"

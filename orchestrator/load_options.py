@@ -15,8 +15,7 @@ import os
 from dataclasses import dataclass
 
 from planning.errors import OptionError
-from planning.fetch_list import MODES
-from planning.options import Flag, option
+from planning.options import FETCH_MODES, Flag, option
 
 DEFAULT_TIMEOUT_S = 3600.0
 
@@ -78,8 +77,8 @@ class LoadOptions:
         for name in ("progress", "zero_copy"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name}={getattr(self, name)!r}: expected True or False")
-        if self.fetch is not None and self.fetch not in MODES:
-            raise OptionError(f"fetch={self.fetch!r}: expected one of {MODES} (or None: $MESHLOAD_FETCH, else 'ranges')")
+        if self.fetch is not None and self.fetch not in FETCH_MODES:
+            raise OptionError(f"fetch={self.fetch!r}: expected one of {FETCH_MODES} (or None: $MESHLOAD_FETCH, else 'ranges')")
         gap = self.fetch_gap_bytes
         if gap is not None and (not isinstance(gap, int) or isinstance(gap, bool) or gap < 0):
             raise OptionError(f"fetch_gap_bytes={gap!r} must be a whole number of bytes >= 0 (or None)")

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DEVICES = ("cpu", "cuda")
+FETCH_MODES = ("files", "ranges")  # how a node fetches (planning.fetch_list): whole files, or the ranges read
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ class PlanOptions:
             node_blocks(self.tp * self.pp, self.nodes)
         except PlanError as exc:  # nodes without a rank
             raise OptionError(str(exc)) from None
-        if not isinstance(self.dtype, str) and type(self.dtype).__name__ != "dtype":
+        if not isinstance(self.dtype, str) and type(self.dtype).__name__ != "dtype":  # a torch.dtype, torch not imported
+            # (a dtype name is checked where it is resolved, against the config: planning.planner.resolve_dtype)
             raise OptionError(f"dtype={self.dtype!r}: expected 'auto', a dtype name or a torch.dtype")
         if self.device not in DEVICES:
             raise OptionError(f"device={self.device!r}: expected one of {DEVICES}")

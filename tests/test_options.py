@@ -175,3 +175,25 @@ def test_the_plan_cache_key_is_the_options_whatever_way_they_were_given(tmp_path
     assert again.cached and again.result() == first.result()
     other = start(tp=2, nodes=2, dtype="bfloat16")
     assert not other.cached and other.result().dtype == "bfloat16"
+
+
+def test_making_the_options_imports_neither_numpy_nor_torch():
+    """A driver given a cached plan imports no heavy module until it handles tensors (tests/test_plan_cache.py):
+    the options of a load, fetch options included, are made without them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "from orchestrator.cli import build_parser, options_from_args\n"
+        "from orchestrator.load_options import LoadOptions\n"
+        "from planning.options import PlanOptions, SourceOptions, option_groups\n"
+        "args = build_parser().parse_args(['load', 'm', '--tp', '2', '--nodes', '2', '--fetch', 'files'])\n"
+        "option_groups(options_from_args(args, PlanOptions, SourceOptions, LoadOptions), PlanOptions, SourceOptions, LoadOptions)\n"
+        "print(sorted(n for n in sys.modules if n.split('.')[0] in ('numpy', 'torch', 'transformers')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -105,7 +105,8 @@ class NodeFetch:
 
     ``source``: the plan's (``workers.sources.source_of``), which gives the node fetcher's class and the
     settings it takes from the driver. ``options``: how nodes fetch (``LoadOptions.fetch_options()``: the
-    defaults, ``$MESHLOAD_FETCH``/``$MESHLOAD_FETCH_MAX_GAP``, then the load's own); ``timeout_s`` (each ``fetch``) defaults to the group's
+    defaults, ``$MESHLOAD_FETCH``/``$MESHLOAD_FETCH_MAX_GAP``, then the load's own); ``timeout_s`` (each
+    ``fetch``) defaults to the group's
     deadline; ``fetcher_cls`` replaces the source's fetcher class (tests inject faults with it)."""
 
     def __init__(

@@ -46,30 +46,12 @@ RAY_PORT = 6391
 RAY_TEMP = f"/tmp/ray-gpu-load-{os.getuid()}"
 
 
-def random_llama(config, *, device: str):
-    """A bf16 Llama of ``config`` on ``device``, every parameter drawn from N(0, 0.02) with seed 0 (fast: no init)."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device=device).to(torch.bfloat16)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02, generator=gen)
-    return model
-
-
 def write(path: str, *, layers: int | None = None, preset: str = "8b", device: str = "cuda") -> None:
-    from transformers import LlamaConfig
+    from orchestrator.random_checkpoint import write_random_llama
 
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return
     shape = {"8b": LLAMA_8B, "tiny": TINY}[preset]
-    config = LlamaConfig(**{**shape, **({"num_hidden_layers": layers} if layers else {})}, dtype="bfloat16")
-    model = random_llama(config, device=device)
-    model.save_pretrained(path, max_shard_size="5GB" if preset == "8b" else "200KB")
+    config = {**shape, **({"num_hidden_layers": layers} if layers else {}), "dtype": "bfloat16"}
+    write_random_llama(path, config=config, device=device, max_shard_size="5GB" if preset == "8b" else "200KB")
 
 
 def launch(method: str, path: str, *, device: str, timeout_s: float, address: str | None = None,

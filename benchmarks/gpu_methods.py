@@ -93,13 +93,14 @@ def meshload_ray(path: str, *, device: str, address: str, plan_cache: str | None
 def meshload_worker(path: str, *, device: str) -> dict:
     import torch
 
+    from planning.options import PlanOptions
     from planning.planner import make_plan
     from workers.sources import resolve_model
     from workers.rank_worker import RankWorker
 
     t_imported = time.time()
     before = io_now()
-    plan = make_plan(resolve_model(path), device=device)
+    plan = make_plan(resolve_model(path), PlanOptions(device=device))
     worker = RankWorker(plan, 0, device=device)
     t_read = time.time()
     worker.load({f.name: os.path.join(path, f.name) for f in plan.files})

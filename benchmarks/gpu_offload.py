@@ -67,6 +67,7 @@ def run_meshload(method: str, path: str, *, budget: str, device: str, new_tokens
     import torch
 
     from planning.offload import tier_bytes
+    from planning.options import PlanOptions
     from planning.planner import make_plan
     from workers.sources import resolve_model
     from workers.rank_worker import RankWorker
@@ -74,7 +75,7 @@ def run_meshload(method: str, path: str, *, budget: str, device: str, new_tokens
     max_memory = {"meshload-resident": None, "meshload-cpu": {_device_key(device): budget, "cpu": "1TiB"},
                   "meshload-disk": {_device_key(device): budget}}[method]
     t0 = time.perf_counter()
-    plan = make_plan(resolve_model(path), tp=1, device=device, max_memory=max_memory)
+    plan = make_plan(resolve_model(path), PlanOptions(tp=1, device=device, max_memory=max_memory))
     worker = RankWorker(plan, 0, device=device)
     worker.load({f.name: os.path.join(path, f.name) for f in plan.files})
     worker.finalize()

@@ -28,7 +28,8 @@ import subprocess
 import sys
 import time
 
-from benchmarks.gpu_load import LLAMA_8B, random_llama, start_cluster, stop_cluster
+from benchmarks.gpu_load import LLAMA_8B, start_cluster, stop_cluster
+from orchestrator.random_checkpoint import random_llama
 
 PROMPT = [[1, 306, 4658, 278, 6593, 310, 2834, 338, 29871, 1048, 278, 6593, 310, 2834, 29889, 13]]
 NEW_TOKENS = 8

@@ -59,6 +59,7 @@ def run_meshload(path: str, ref_path: str, port: int) -> dict:
     import torch
     import torch.distributed as dist
 
+    from planning.options import PlanOptions
     from planning.planner import make_plan
     from workers.sources import resolve_model
     from workers.rank_worker import RankWorker
@@ -70,7 +71,7 @@ def run_meshload(path: str, ref_path: str, port: int) -> dict:
         print(f"[rank {rank}] {time.perf_counter() - t0:7.2f}s {what}", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    plan = make_plan(resolve_model(path), tp=world, device="cuda")
+    plan = make_plan(resolve_model(path), PlanOptions(tp=world, device="cuda"))
     mark("planned")
     worker = RankWorker(plan, rank)
     worker.load({f.name: os.path.join(path, f.name) for f in plan.files})

@@ -8,7 +8,7 @@
 
 from orchestrator.api import load, plan
 from orchestrator.loaded_model import LoadedModel
-from planning.errors import CheckpointError, ConfigError, ConversionError, MeshloadError, PlanError
+from planning.errors import CheckpointError, ConfigError, ConversionError, MeshloadError, OptionError, PlanError
 from planning.plan_json import plan_from_json, plan_to_json
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "ConversionError",
     "LoadedModel",
     "MeshloadError",
+    "OptionError",
     "PlanError",
     "load",
     "plan",

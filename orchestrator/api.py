@@ -25,9 +25,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING
 
 from orchestrator.cluster import connect
+from orchestrator.load_options import DEFAULT_TIMEOUT_S, LoadOptions
 from orchestrator.loaded_model import LoadedModel
 from orchestrator.materialize import materialize
 from orchestrator.plan_cache import PlanCache, plan_key
@@ -35,7 +37,8 @@ from orchestrator.rank_group import RankGroup
 from planning.build import node_blocks
 from planning.plan import LoadPlan
 from planning.plan_check import check_plan_matches
-from planning.planner import check_options, check_topology, make_plan
+from planning.options import PlanOptions, SourceOptions, changed, option_groups
+from planning.planner import make_plan
 from planning.validate import validate_plan
 from workers.sources import resolve_model, resolve_plan_checkpoint, source_of
 
@@ -45,8 +48,7 @@ if TYPE_CHECKING:  # the driver imports torch only once it handles tensors (Load
 
 log = logging.getLogger("meshload")
 
-DEFAULT_TIMEOUT_S = 3600.0
-RESOLVE_OPTIONS = ("revision", "cache_dir", "token", "allow_pickle")  # the source's; the rest are planning's
+_PLAN_FIELDS = frozenset(f.name for f in fields(PlanOptions))
 
 
 def plan(
@@ -75,22 +77,13 @@ def plan(
     ``nodes`` is a number: ranks are spread over that many nodes in contiguous blocks.
     ``quantization``: for a pre-quantized checkpoint, a transformers config of its method whose loading
     attributes win, as with ``from_pretrained`` (``FineGrainedFP8Config(dequantize=True)``); docs/QUANTIZED.md.
+    The keywords are the fields of ``planning.options.PlanOptions`` and ``SourceOptions`` (their help texts,
+    defaults and checks: a bad value is an ``OptionError`` naming it).
     """
-    return make_plan(
-        resolve_model(model, revision=revision, cache_dir=cache_dir, token=token, allow_pickle=allow_pickle),
-        tp=tp,
-        pp=pp,
-        nodes=nodes,
-        dtype=dtype,
-        device=device,
-        tp_plan=tp_plan,
-        device_map=device_map,
-        max_memory=max_memory,
-        attn_implementation=attn_implementation,
-        model_class=model_class,
-        renamings=renamings,
-        quantization=quantization,
-    )
+    given = dict(locals())
+    del given["model"]
+    plan_options, source_options = option_groups(given, PlanOptions, SourceOptions)
+    return make_plan(resolve_model(model, source_options), plan_options)
 
 
 def load(
@@ -137,48 +130,54 @@ def load(
     headers, the options and meshload's planning code are the same (``True``: the default folder,
     ``$MESHLOAD_PLAN_CACHE`` or ``~/.cache/meshload/plans``; a path: that folder; ``False``: off); see
     ``orchestrator/plan_cache.py``. Use as a context manager, or call ``shutdown()``.
+    The keywords are the fields of ``orchestrator.load_options.LoadOptions`` and ``planning.options.PlanOptions``
+    and ``SourceOptions`` (help texts, defaults, checks: a bad value is an ``OptionError`` naming it).
     """
+    given = dict(locals())
+    del given["model"], given["plan_options"]
+    given.update(plan_options)
     phases = PhaseClock()
-    device = model.device if isinstance(model, LoadPlan) else device
-    if gpus_per_rank is None:
-        gpus_per_rank = 1 if device == "cuda" else 0
-    elif device != "cuda" or not 0 < gpus_per_rank <= 1:
-        raise ValueError(f"gpus_per_rank={gpus_per_rank!r}: a fraction of one GPU in (0, 1], for device='cuda' only "
-                         f"(0.5: two ranks share a GPU, as pipeline stages may; device is {device!r})")
-    if isinstance(model, LoadPlan):
-        _check_given_plan(model, plan_options)
+    if isinstance(model, LoadPlan):  # topology and plan options come from the plan
+        device, nodes = model.device, model.num_nodes
+        wanted = None
+        source_options, options = option_groups({k: v for k, v in given.items() if k not in _PLAN_FIELDS},
+                                                 SourceOptions, LoadOptions)
+    else:
+        wanted, source_options, options = option_groups(given, PlanOptions, SourceOptions, LoadOptions)
+    gpus_per_rank = options.gpus_for(device)
+    if wanted is None:
+        _check_given_plan(model, source_options)
         planning = _Planning.done(model)
-        nodes = model.num_nodes
         node_of_rank = [r.node for r in model.ranks]
     else:
-        planning = _Planning.start(model, tp=tp, pp=pp, nodes=nodes, device=device, plan_cache=plan_cache, **plan_options)
-        node_of_rank = node_blocks(tp * pp, nodes)  # the plan places its ranks with node_blocks too
+        planning = _Planning.start(model, wanted, source_options, plan_cache=options.plan_cache)
+        node_of_rank = node_blocks(wanted.world_size, nodes)  # the plan places its ranks with node_blocks too
     phases.mark("resolve")
     ranks_per_node = max(node_of_rank.count(n) for n in range(nodes))
     connection = group = driver_torch = None
     try:
         connection = connect(
-            address,
+            options.address,
             num_nodes=nodes,
-            cpus_per_node=max(1, int(ranks_per_node * cpus_per_rank)),
+            cpus_per_node=max(1, int(ranks_per_node * options.cpus_per_rank)),
             gpus_per_node=math.ceil(ranks_per_node * gpus_per_rank),
         )
         phases.mark("connect")
-        group = RankGroup(node_of_rank, timeout_s=timeout_s, max_restarts=max_restarts)
+        group = RankGroup(node_of_rank, timeout_s=options.timeout_s, max_restarts=options.max_restarts)
         group.start(  # the ranks import torch and transformers while the plan is finished
-            cpus_per_rank=cpus_per_rank,
+            cpus_per_rank=options.cpus_per_rank,
             gpus_per_rank=gpus_per_rank,
-            num_threads=num_threads,
-            placement_timeout_s=placement_timeout_s,
+            num_threads=options.num_threads,
+            placement_timeout_s=options.placement_timeout_s,
             env=_rank_env(connection),
-            worker_cls=worker_cls,
-            worker_options={"zero_copy": zero_copy, "device": device},
+            worker_cls=options.worker_cls,
+            worker_options={"zero_copy": options.zero_copy, "device": device},
             poll=planning.raise_if_failed,
             plan=planning.ready(),  # a plan known already goes with the ranks' constructor
         )
         phases.mark("start ranks")
         if group.preloaded.get(0):  # rank 0 can plan sooner than the driver, which imports transformers first
-            planning.delegate(lambda resolved, **kw: group.submit("plan_here", resolved, ranks=[0], **kw)[0])
+            planning.delegate(lambda resolved, options: group.submit("plan_here", resolved, options, ranks=[0])[0])
         driver_torch = _import_torch_meanwhile(device)
         if not group.attached:
             load_plan = planning.result()
@@ -186,21 +185,20 @@ def load(
             group.attach(load_plan)  # e.g. flash-attn checked on every node, before a single weight byte is fetched
             phases.mark("attach plan")
         load_plan = planning.result()
-        fetch_options = dict(mode=fetch, max_gap_bytes=fetch_gap_bytes, **plan_options)
-        files = _rank_files(load_plan, group, fetch_options, progress=progress, fetcher_cls=fetcher_cls)
+        files = _rank_files(load_plan, group, source_options, options)
         files.fetch()
         group.revive(group.dead_ranks(group.ranks), phase="fetch")  # ranks that died while their node fetched
         phases.mark("fetch")
-        reports = materialize(load_plan, group, files, progress=progress)
+        reports = materialize(load_plan, group, files, progress=options.progress)
         phases.mark("materialize")
         if driver_torch is not None:
             driver_torch.join()
-        return LoadedModel(load_plan, [reports[r] for r in group.ranks], group, connection, files=files, timeout_s=timeout_s,
-                           timings=phases.seconds, plan_cached=planning.cached, planned_on=planning.planned_on,
-                           rank_files=lambda new_plan: _rank_files(new_plan, group, fetch_options, progress=False,
-                                                                   fetcher_cls=fetcher_cls),
-                           resolve_options={k: plan_options[k] for k in RESOLVE_OPTIONS  # update_weights names its own revision
-                                            if k != "revision" and k in plan_options})
+        return LoadedModel(load_plan, [reports[r] for r in group.ranks], group, connection, files=files,
+                           timeout_s=options.timeout_s, timings=phases.seconds, plan_cached=planning.cached,
+                           planned_on=planning.planned_on,
+                           rank_files=lambda new_plan: _rank_files(new_plan, group, source_options,
+                                                                   replace(options, progress=False)),
+                           source_options=replace(source_options, revision=None))  # update_weights names its own
     except BaseException as exc:
         try:
             if group is not None:
@@ -218,14 +216,11 @@ def load(
         raise
 
 
-def _check_given_plan(plan: LoadPlan, plan_options: dict) -> None:
+def _check_given_plan(plan: LoadPlan, source_options: SourceOptions) -> None:
     """A plan passed in (made earlier, maybe read from a file) is checked against its checkpoint as it is
     now — its names, then its files and reads — before anything starts (``planning.plan_check``)."""
     validate_plan(plan)
-    resolved = resolve_plan_checkpoint(
-        plan, cache_dir=plan_options.get("cache_dir"), token=plan_options.get("token"),
-        allow_pickle=plan_options.get("allow_pickle", False),
-    )
+    resolved = resolve_plan_checkpoint(plan, source_options)
     check_plan_matches(plan, resolved)
 
 
@@ -243,7 +238,7 @@ class _Planning:
         self._error: BaseException | None = None
         self.cached = False  # the plan came from the plan cache
         self.planned_on = "driver"  # or "rank 0" (``delegate``)
-        self._request: tuple | None = None  # (resolved, make_plan's keywords, cache, key) while planning runs
+        self._request: tuple | None = None  # (resolved, PlanOptions, cache, key) while planning runs
 
     @classmethod
     def done(cls, plan: LoadPlan, *, cached: bool = False) -> "_Planning":
@@ -254,29 +249,26 @@ class _Planning:
         return p
 
     @classmethod
-    def start(cls, model, *, tp: int, pp: int, nodes: int, device: str, plan_cache, **plan_options) -> "_Planning":
-        check_topology(tp, pp, nodes)
-        check_options(device=device, attn_implementation=plan_options.get("attn_implementation"))
-        resolve_options = {k: plan_options[k] for k in RESOLVE_OPTIONS if k in plan_options}
-        resolved = resolve_model(model, **resolve_options)
+    def start(cls, model, options: PlanOptions, source_options: SourceOptions, *, plan_cache) -> "_Planning":
+        resolved = resolve_model(model, source_options)
         cache = key = None
         if plan_cache is not False:
             cache = PlanCache(None if plan_cache is True else plan_cache)
-            key_options = {k: v for k, v in plan_options.items() if k not in ("token", "cache_dir")}
-            options = dict(tp=tp, pp=pp, nodes=nodes, device=device, **key_options)
-            key = plan_key(resolved, options)
-            cached = cache.get(key, check=lambda entry: check_plan_matches(entry, resolved, options=options))
+            # the key: the topology, and every other option given a value of its own (token and cache_dir
+            # say where, not what: the same plan)
+            key_options = {"tp": options.tp, "pp": options.pp, "nodes": options.nodes, "device": options.device,
+                           **changed(options), **changed(replace(source_options, token=None, cache_dir=None))}
+            key = plan_key(resolved, key_options)
+            cached = cache.get(key, check=lambda entry: check_plan_matches(entry, resolved, options=key_options))
             if cached is not None:
                 log.info("meshload: plan reused from %s", cache.path(key))
                 return cls.done(cached, cached=True)
         p = cls()
-        build_options = {k: v for k, v in plan_options.items() if k not in RESOLVE_OPTIONS}
-        keywords = dict(tp=tp, pp=pp, nodes=nodes, device=device, **build_options)
-        p._request = (resolved, keywords, cache, key)
+        p._request = (resolved, options, cache, key)
 
         def run() -> None:
             try:
-                p._finish(make_plan(resolved, **keywords), on="driver")
+                p._finish(make_plan(resolved, options), on="driver")
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
                 with p._lock:
                     if not p._done.is_set():
@@ -298,7 +290,7 @@ class _Planning:
             cache.put(key, plan)
 
     def delegate(self, submit: Callable[..., object]) -> None:
-        """Also plan on a rank, through ``submit(resolved, **keywords) -> object ref`` (``RankWorker.plan_here``),
+        """Also plan on a rank, through ``submit(resolved, options) -> object ref`` (``RankWorker.plan_here``),
         while the driver goes on planning: a rank in a preloaded Ray worker (``workers.preload``) has
         transformers' model code imported, which the driver imports first (4-6 s on an H200 host). The
         first plan made is used. A rank's failure is only logged: the driver's planning reports errors."""
@@ -306,8 +298,8 @@ class _Planning:
             return
         import ray
 
-        resolved, keywords, _, _ = self._request
-        ref = submit(resolved, **keywords)
+        resolved, options, _, _ = self._request
+        ref = submit(resolved, options)
 
         def wait() -> None:
             try:
@@ -366,7 +358,7 @@ def _rank_env(connection) -> dict[str, str]:
     return {"GLOO_SOCKET_IFNAME": "lo"} if connection.embedded is not None else {}
 
 
-def _rank_files(load_plan: LoadPlan, group: RankGroup, plan_options: dict, *, progress: bool, fetcher_cls: type | None):
+def _rank_files(load_plan: LoadPlan, group: RankGroup, source_options: SourceOptions, options: LoadOptions):
     """Where each rank reads: the files in place, or what each node fetched, as the plan's source says."""
     from orchestrator.fetch_stage import FilesInPlace, NodeFetch
 
@@ -377,10 +369,9 @@ def _rank_files(load_plan: LoadPlan, group: RankGroup, plan_options: dict, *, pr
         load_plan,
         group,
         source=source,
-        cache_dir=plan_options.get("cache_dir"),
-        token=plan_options.get("token"),
-        mode=plan_options.get("mode"),
-        max_gap_bytes=plan_options.get("max_gap_bytes"),
-        progress=progress,
-        fetcher_cls=fetcher_cls,
+        cache_dir=source_options.cache_dir,
+        token=source_options.token,
+        options=options.fetch_options(),
+        progress=options.progress,
+        fetcher_cls=options.fetcher_cls,
     )

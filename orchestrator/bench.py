@@ -58,24 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def write_checkpoint(path: str, size: str, dtype: str, *, seed: int = 0) -> str:
-    """A seeded random Llama, bf16 values drawn per tensor (no fp32 copy of the model)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A seeded random Llama of preset ``size`` (``SIZES``) in ``dtype`` (``orchestrator.random_checkpoint``)."""
+    from orchestrator.random_checkpoint import write_random_llama
 
-    marker = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(marker) or os.path.isfile(os.path.join(path, "model.safetensors")):
-        return path
-    config = LlamaConfig(**SIZES[size], max_position_embeddings=2048, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(getattr(torch, dtype))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02, generator=gen)
-    model.save_pretrained(path, max_shard_size="500MB")
-    return path
+    config = dict(SIZES[size], max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    return write_random_llama(path, config=config, dtype=dtype, seed=seed, max_shard_size="500MB")
 
 
 def _files(path: str) -> list[str]:

@@ -83,12 +83,13 @@ def run_naive(path: str, dtype: str, tp: int) -> dict:
     import torch
     from safetensors.torch import load_file
 
+    from planning.options import PlanOptions
     from planning.planner import make_plan
     from workers.sources import resolve_model
 
     rank = int(os.environ.get("RANK", "0"))
     io_before, t0 = io_counters(), time.perf_counter()
-    plan = make_plan(resolve_model(path), tp=tp, dtype=dtype)
+    plan = make_plan(resolve_model(path), PlanOptions(tp=tp, dtype=dtype))
     full: dict[str, torch.Tensor] = {}
     for f in plan.files:
         full.update(load_file(os.path.join(plan.model.root, f.name)))

@@ -11,93 +11,78 @@ import json
 import logging
 import os
 import sys
+from dataclasses import fields
 from typing import TYPE_CHECKING
 
+from orchestrator.load_options import LoadOptions
 from planning.errors import MeshloadError
+from planning.options import PlanOptions, SourceOptions, flag_name
 
 if TYPE_CHECKING:
     from planning.plan import LoadPlan
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="local folder, .safetensors file, or Hub repo id")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (ranks per stage)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (stages)")
-    p.add_argument("--nodes", type=int, default=1, help="number of nodes to spread the ranks over")
-    p.add_argument("--dtype", default="auto", help="'auto' (config/checkpoint) or e.g. bfloat16, float32")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--attn-implementation", default=None, choices=["sdpa", "eager", "flash_attention_2"],
-                   help="default: transformers' choice for the class (sdpa where supported, else eager)")
-    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    p.add_argument("--cache-dir", default=None, help="Hub cache folder (default: huggingface_hub's)")
-    p.add_argument("--token-file", default=None, metavar="FILE",
-                   help="read the Hub token from FILE ('-': stdin); default: HF_TOKEN or the stored login")
-    p.add_argument("--token", default=None, help=argparse.SUPPRESS)  # refused: see read_token
-    p.add_argument("--model-class", default=None, help="transformers class to build, e.g. BertModel")
-    p.add_argument("--tp-plan", default=None, help="JSON object of glob -> style overriding the TP plan")
-    p.add_argument("--max-memory", default=None, type=_max_memory,
-                   help="per-rank parameter budget, e.g. 40GiB, or JSON per device (offloads what does not fit): "
-                        "'{\"cuda\": \"20GiB\", \"cpu\": \"64GiB\"}'")
-    p.add_argument("--device-map", default=None, type=json.loads,
-                   help="JSON object: module prefix -> stage index, \"cpu\" or \"disk\" (e.g. '{\"model.layers.20\": \"disk\"}')")
-    p.add_argument("--allow-pickle", action="store_true", help="accept legacy .bin checkpoints (weights_only)")
-    p.add_argument("--dequantize", action="store_true",
-                   help="a pre-quantized checkpoint (FP8): read as published, dequantized on each rank to --dtype")
+def add_options(parser: argparse.ArgumentParser, *groups: type) -> None:
+    """One flag per field of each option group (``planning.options``, ``orchestrator.load_options``): its
+    name, default and help text come from the field; the group validates the value (``OptionError``)."""
+    for group in groups:
+        for f in fields(group):
+            flag = f.metadata["flag"]
+            if flag is None:  # a Python object (a class): the API only
+                continue
+            help_text = f.metadata["help"]
+            if flag.switch:
+                parser.add_argument(flag_name(f), dest=f.name, action="store_const", const=flag.on, default=f.default,
+                                    help=help_text)
+            else:
+                parser.add_argument(flag_name(f), dest=f.name, type=flag.parse, default=f.default, metavar=flag.metavar,
+                                    help=help_text)
 
 
-def _max_memory(text: str):
-    """``--max-memory``: a size (``40GiB``) or a JSON object (``{"cuda": "20GiB", "cpu": "64GiB"}``, or per rank
-    ``{"0": {...}}``: JSON keys are strings, so digit keys are ranks)."""
-    if not text.lstrip().startswith("{"):
-        return text
-    value = json.loads(text)
-    return {int(k) if k.isdigit() else k: v for k, v in value.items()}
+def options_from_args(args: argparse.Namespace, *groups: type) -> dict:
+    """The API keywords of ``groups`` from parsed flags: a ``from_file`` flag's file read (``read_value_file``)."""
+    given = {}
+    for group in groups:
+        for f in fields(group):
+            flag = f.metadata["flag"]
+            if flag is None:
+                continue
+            value = getattr(args, f.name)
+            given[f.name] = read_value_file(flag_name(f), value) if flag.from_file and value is not None else value
+    return given
 
 
-def read_token(args) -> str | None:
-    """The Hub token from ``--token-file`` (a file, or ``-`` for stdin), else None (huggingface_hub then uses
-    ``HF_TOKEN`` or the stored login). A token on the command line itself is refused: it would show in
-    ``ps`` to every user of the machine and, under ``ray job submit``, in the job's entrypoint."""
-    if args.token is not None:
+def read_value_file(flag: str, path: str) -> str:
+    """The value in the first line of ``path`` (``-``: stdin), for a flag that takes a secret from a file
+    (``--token-file``): a token on the command line itself would show in ``ps`` to every user of the
+    machine and, under ``ray job submit``, in the job's entrypoint."""
+    try:
+        if path == "-":
+            text = sys.stdin.readline()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.readline()
+    except OSError as exc:
+        raise SystemExit(f"meshload: error: {flag} {path}: {exc.strerror}") from None
+    value = text.strip()
+    if not value:
+        raise SystemExit(f"meshload: error: {flag} {path} holds no token")
+    return value
+
+
+def _refuse_token(args) -> None:
+    """``--token TOKEN`` is refused (see ``read_value_file``); huggingface_hub otherwise uses ``HF_TOKEN`` or the login."""
+    if args.token_argument is not None:
         raise SystemExit(
             "meshload: error: --token puts the token on the command line, where `ps` shows it to every user and "
             "`ray job submit` stores it in the job's entrypoint; use --token-file FILE (or - for stdin), or set "
             "HF_TOKEN / run `hf auth login` on each machine"
         )
-    if args.token_file is None:
-        return None
-    try:
-        if args.token_file == "-":
-            text = sys.stdin.readline()
-        else:
-            with open(args.token_file, encoding="utf-8") as f:
-                text = f.readline()
-    except OSError as exc:
-        raise SystemExit(f"meshload: error: --token-file {args.token_file}: {exc.strerror}") from None
-    token = text.strip()
-    if not token:
-        raise SystemExit(f"meshload: error: --token-file {args.token_file} holds no token")
-    return token
 
 
-def _plan_kwargs(args) -> dict:
-    return dict(
-        tp=args.tp,
-        pp=args.pp,
-        nodes=args.nodes,
-        dtype=args.dtype,
-        device=args.device,
-        attn_implementation=args.attn_implementation,
-        revision=args.revision,
-        cache_dir=args.cache_dir,
-        token=read_token(args),
-        model_class=args.model_class,
-        tp_plan=json.loads(args.tp_plan) if args.tp_plan else None,
-        max_memory=args.max_memory,
-        device_map=args.device_map,
-        allow_pickle=args.allow_pickle,
-        quantization={"dequantize": True} if args.dequantize else None,
-    )
+def _model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="local folder, .safetensors file, or Hub repo id")
+    p.add_argument("--token", dest="token_argument", default=None, help=argparse.SUPPRESS)  # refused: _refuse_token
 
 
 def write_picture(plan, path: str | os.PathLike, *, title: str | None = None) -> str:
@@ -115,7 +100,8 @@ def cmd_plan(args) -> int:
     from planning.plan_json import plan_to_json
     from planning.summary import offload_table, rank_table, totals_text
 
-    load_plan = plan(args.model, **_plan_kwargs(args))
+    _refuse_token(args)
+    load_plan = plan(args.model, **options_from_args(args, PlanOptions, SourceOptions))
     if args.svg:
         write_picture(load_plan, args.svg)
         print(f"plan picture written to {args.svg}", file=sys.stderr)
@@ -158,10 +144,8 @@ def cmd_load(args) -> int:
     from orchestrator.report_view import report_table
     from planning.plan_json import plan_to_json
 
-    kwargs = _plan_kwargs(args)
-    plan_cache = {None: True, "off": False}.get(args.plan_cache, args.plan_cache)
-    with load(args.model, address=args.address, timeout_s=args.timeout, fetch=args.fetch,
-              fetch_gap_bytes=args.fetch_gap, plan_cache=plan_cache, **kwargs) as m:
+    _refuse_token(args)
+    with load(args.model, **options_from_args(args, PlanOptions, SourceOptions, LoadOptions)) as m:
         if m.plan_cached:
             print("plan reused from the plan cache (no planning)")
         print(report_table(m))
@@ -192,21 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="plan a load (headers only, no cluster) and print it")
-    _common(p)
+    _model_argument(p)
+    add_options(p, PlanOptions, SourceOptions)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--svg", default=None, metavar="FILE", help="also draw the plan (nodes, ranks, ties, files) as SVG into FILE")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("load", help="load onto Ray ranks and print the per-rank report")
-    _common(p)
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, a running cluster, or embedded)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a step of the load is abandoned")
-    p.add_argument("--fetch", choices=["ranges", "files"], default=None,
-                   help="Hub checkpoints: download only the byte ranges the node's ranks read (default) or whole files")
-    p.add_argument("--fetch-gap", type=int, default=None, metavar="BYTES",
-                   help="ranges closer than this are downloaded as one request (default 1 MiB; 0 = exact)")
-    p.add_argument("--plan-cache", default=None, metavar="DIR|off",
-                   help="reuse plans kept here (default: $MESHLOAD_PLAN_CACHE or ~/.cache/meshload/plans); 'off' to always plan")
+    _model_argument(p)
+    add_options(p, PlanOptions, SourceOptions, LoadOptions)
     p.add_argument("--report", default=None, help="write the plan and report as JSON to this file")
     p.add_argument("--input-ids", default=None, help="token ids for greedy generation across the ranks, e.g. 1,2,3")
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate with --input-ids")

@@ -30,7 +30,7 @@ import shutil
 import socket
 import tempfile
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from planning.errors import MeshloadError
 
@@ -52,7 +52,6 @@ class RayConnection:
     address: str
     embedded: object | None = None  # the EmbeddedCluster we started
     connected_here: bool = False
-    node_ips: list[str] = field(default_factory=list)
 
     def close(self) -> None:
         import ray

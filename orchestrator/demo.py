@@ -1,7 +1,7 @@
 """``make demo``: the main job on an embedded default.
 
-Writes a seeded random Llama checkpoint with transformers' ``save_pretrained`` (several shards, an
-odd vocabulary, GQA), starts an embedded Ray cluster with 2 simulated nodes, loads it with tp=2 (one
+Writes a seeded random Llama checkpoint (``orchestrator.random_checkpoint``: transformers' ``save_pretrained``;
+several shards, an odd vocabulary, GQA), starts an embedded Ray cluster with 2 simulated nodes, loads it with tp=2 (one
 rank per node), prints the per-rank report, checks the reassembled state bit for bit against
 transformers' own ``from_pretrained``, and runs a short greedy generation across the ranks.
 
@@ -18,19 +18,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def write_checkpoint(path: str, *, seed: int = 0) -> str:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=1001, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(path, max_shard_size="4MB")
-    return path
+DEMO_LLAMA = dict(
+    vocab_size=1001, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,10 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import orchestrator
+    from orchestrator.random_checkpoint import write_random_llama
     from orchestrator.report_view import report_table
     from planning.summary import rank_table, totals_text
 
-    path = write_checkpoint(args.out)
+    path = write_random_llama(args.out, config=DEMO_LLAMA, dtype="float32", max_shard_size="4MB")
     plan = orchestrator.plan(path, tp=args.tp, pp=args.pp, nodes=args.nodes)
     print(totals_text(plan), "\n", rank_table(plan), sep="\n")
     print(f"\nloading on an embedded Ray cluster with {args.nodes} simulated nodes ...")

@@ -43,7 +43,7 @@ from orchestrator.rank_group import RankError, RankGroup, RankTimeout, group_err
 from planning.plan import LoadPlan
 
 if TYPE_CHECKING:  # imported by a fetching source only: a local load's driver does without numpy
-    from workers.sources.fetch_types import NodeFetchOutcome
+    from workers.sources.fetch_types import FetchOptions, NodeFetchOutcome
     from workers.sources.base import CheckpointSource
 
 log = logging.getLogger("meshload")
@@ -104,8 +104,9 @@ class NodeFetch:
     """The node-local files of a load from a fetching source, per planned node (see module docstring).
 
     ``source``: the plan's (``workers.sources.source_of``), which gives the node fetcher's class and the
-    settings it takes from the driver. ``mode``/``max_gap_bytes`` override
-    ``$MESHLOAD_FETCH``/``$MESHLOAD_FETCH_MAX_GAP``; ``timeout_s`` (each ``fetch``) defaults to the group's
+    settings it takes from the driver. ``options``: how nodes fetch (``LoadOptions.fetch_options()``: the
+    defaults, ``$MESHLOAD_FETCH``/``$MESHLOAD_FETCH_MAX_GAP``, then the load's own); ``timeout_s`` (each
+    ``fetch``) defaults to the group's
     deadline; ``fetcher_cls`` replaces the source's fetcher class (tests inject faults with it)."""
 
     def __init__(
@@ -117,8 +118,7 @@ class NodeFetch:
         cache_dir: str | None = None,
         token: str | bool | None = None,
         progress: bool = True,
-        mode: str | None = None,
-        max_gap_bytes: int | None = None,
+        options: FetchOptions | None = None,
         timeout_s: float | None = None,
         fetcher_cls: type | None = None,
     ) -> None:
@@ -129,7 +129,7 @@ class NodeFetch:
         self.plan = plan
         self.source = source
         self.group = group
-        self.options = FetchOptions.from_env(mode=mode, max_gap_bytes=max_gap_bytes)
+        self.options = FetchOptions.from_env() if options is None else options
         self.cache_dir = cache_dir
         self.token = token
         self.progress = progress

@@ -35,10 +35,12 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
 from orchestrator.materialize import materialize
 from orchestrator.weight_update import WeightsUpdate, reload_ranks
+from planning.options import SourceOptions
 from planning.plan import LoadPlan
 from workers.report import RankReport
 
@@ -55,7 +57,7 @@ class LoadedModel:
     def __init__(
         self, plan: LoadPlan, report: list[RankReport], group, connection, *, files, timeout_s: float = 600.0,
         timings: dict[str, float] | None = None, plan_cached: bool = False, planned_on: str = "driver",
-        rank_files: Callable[[LoadPlan], object], resolve_options: dict | None = None,
+        rank_files: Callable[[LoadPlan], object], source_options: SourceOptions = SourceOptions(),
     ) -> None:
         self.plan = plan
         self.report = report
@@ -65,7 +67,7 @@ class LoadedModel:
         self.timeout_s = timeout_s
         self._files = files  # where each rank reads (orchestrator.fetch_stage): a restored rank reads there again
         self._rank_files = rank_files  # plan → where each rank reads it (update_weights' new checkpoint)
-        self._resolve_options = dict(resolve_options or {})  # cache_dir, token, allow_pickle: resolving a checkpoint
+        self._source_options = source_options  # cache_dir, token, allow_pickle: resolving a new checkpoint
         self._group = group
         self._connection = connection
         self._inference_ready = False
@@ -383,8 +385,7 @@ class LoadedModel:
 
         self._require_live()
         t0 = time.perf_counter()
-        options = dict(self._resolve_options)
-        resolved = resolve_model(checkpoint, revision=revision, **options)
+        resolved = resolve_model(checkpoint, replace(self._source_options, revision=revision))
         new_plan = retarget_plan(self.plan, resolved)
         t_plan = time.perf_counter()
         files = self._rank_files(new_plan)

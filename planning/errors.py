@@ -25,3 +25,8 @@ class ConversionError(MeshloadError, ValueError):
 
 class PlanError(MeshloadError, ValueError):
     """The requested topology (tp, pp, nodes, budgets, TP plan) cannot work for this model."""
+
+
+class OptionError(PlanError):
+    """An option of ``plan``/``load`` (or a ``meshload`` flag) has a value it does not accept; the message names
+    the option and the value (``planning.options``)."""

@@ -24,10 +24,11 @@ import numpy as np
 from planning.boxes import run_offsets, runs
 from planning.byte_ranges import merge_ranges
 from planning.errors import PlanError
+from planning.options import FETCH_MODES
 from planning.plan import LoadPlan
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
 
-MODES = ("files", "ranges")
+MODES = FETCH_MODES  # declared with the load's options, which check them without numpy
 DEFAULT_MAX_GAP_BYTES = 1 << 20
 DEFAULT_WHOLE_ABOVE = 0.9
 

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 from planning.checkpoint import CheckpointIndex
 from planning.conversions import build_source_map
 from planning.errors import ConversionError, PlanError
+from planning.options import PlanOptions
 from planning.pipeline import assign_stages
 from planning.quantization import quantization_of, scale_owner
 from planning.offload import rank_budgets, split_device_map
-from planning.build import PlanInputs, build_plan, node_blocks
+from planning.build import PlanInputs, build_plan
 from planning.plan import LoadPlan, ModelRef
 from planning.safetensors_header import TORCH_DTYPE_ITEMSIZE
 from planning.skeleton import (
@@ -29,7 +30,6 @@ from planning.skeleton import (
     config_from_dict,
     describe,
     dtype_name,
-    flash_attention_available,
     trace_first_layer,
     parse_dtype,
 )
@@ -37,11 +37,6 @@ from planning.tp_plans import check_user_plan, effective_plan
 
 if TYPE_CHECKING:
     import torch
-    from transformers.utils.quantization_config import QuantizationConfigMixin
-
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-DEVICES = ("cpu", "cuda")
-
 
 @dataclass(frozen=True)
 class ResolvedModel:
@@ -65,61 +60,21 @@ def resolve_dtype(dtype: str | torch.dtype, config, index: CheckpointIndex) -> t
     return parse_dtype(index.dominant_float_dtype() or "float32")
 
 
-def check_topology(tp: int, pp: int, nodes: int) -> None:
-    for name, value in (("tp", tp), ("pp", pp), ("nodes", nodes)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise PlanError(f"{name}={value!r} must be a positive integer")
-    node_blocks(tp * pp, nodes)
+def make_plan(resolved: ResolvedModel, options: PlanOptions = PlanOptions()) -> LoadPlan:
+    """Plan a load of the checkpoint ``resolved`` with ``options`` (validated when they were made; see module docstring).
 
-
-def check_options(*, device: str, attn_implementation: str | None) -> None:
-    if device not in DEVICES:
-        raise PlanError(f"device={device!r}: expected one of {DEVICES}")
-    if attn_implementation is not None and attn_implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise PlanError(
-            f"attn_implementation={attn_implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS} "
-            f"(or None for transformers' choice)"
-        )
-    if attn_implementation == "flash_attention_2":
-        if device != "cuda":
-            raise PlanError("attn_implementation='flash_attention_2' needs device='cuda' (flash-attn has no CPU kernels)")
-        if not flash_attention_available():
-            raise PlanError(
-                "attn_implementation='flash_attention_2' but flash-attn is not installed here "
-                "(pip install 'meshload[flash]'); no weight was fetched"
-            )
-
-
-def make_plan(
-    resolved: ResolvedModel,
-    *,
-    tp: int = 1,
-    pp: int = 1,
-    nodes: int = 1,
-    dtype: str | torch.dtype = "auto",
-    device: str = "cpu",
-    tp_plan: dict[str, str] | None = None,
-    device_map: dict[str, int | str] | None = None,
-    max_memory=None,
-    attn_implementation: str | None = None,
-    model_class: str | None = None,
-    renamings: dict[str, str] | None = None,
-    quantization: QuantizationConfigMixin | dict | None = None,
-) -> LoadPlan:
-    """Plan a load of the checkpoint ``resolved`` (see module docstring).
-
-    ``quantization``: a transformers quantization config of the checkpoint's own method whose loading
+    ``options.quantization``: a transformers quantization config of the checkpoint's own method whose loading
     attributes override the checkpoint's (``FineGrainedFP8Config(dequantize=True)``), as ``from_pretrained``
     merges them (``planning.quantization``)."""
-    check_topology(tp, pp, nodes)
-    check_options(device=device, attn_implementation=attn_implementation)
+    tp, pp, nodes, device = options.tp, options.pp, options.nodes, options.device
+    attn_implementation, quantization = options.attn_implementation, options.quantization
     source = f"{resolved.ref_source}/config.json"
     config = config_from_dict(resolved.config_dict, source=source)
-    torch_dtype = resolve_dtype(dtype, config, resolved.index)
+    torch_dtype = resolve_dtype(options.dtype, config, resolved.index)
     quant = quantization_of(resolved.config_dict, override=quantization, source=source)
     meta = build_meta_model(
         config,
-        model_class=model_class or choose_model_class(config, resolved.index.tensors, source=source),
+        model_class=options.model_class or choose_model_class(config, resolved.index.tensors, source=source),
         dtype=torch_dtype,
         attn_implementation=attn_implementation,
         source=source,
@@ -132,9 +87,9 @@ def make_plan(
             f"tp={tp}: {skeleton.class_name}'s attention head counts vary per layer (config.per_layer_config), and "
             f"splitting heads needs one count for every layer; use tp=1 (pp splits the model instead)"
         )
-    check_user_plan(tp_plan, skeleton, [name for name, _ in meta.named_modules() if name])
-    plan_dict = effective_plan(meta, user_plan=tp_plan)
-    sources = build_source_map(meta, skeleton, resolved.index, renamings=renamings, where=str(resolved.ref_source),
+    check_user_plan(options.tp_plan, skeleton, [name for name, _ in meta.named_modules() if name])
+    plan_dict = effective_plan(meta, user_plan=options.tp_plan)
+    sources = build_source_map(meta, skeleton, resolved.index, renamings=options.renamings, where=str(resolved.ref_source),
                                quantization=quant)
     unfilled = sorted(n for n in sources.computed if scale_owner(n, quant))
     if unfilled:
@@ -143,8 +98,8 @@ def make_plan(
             f"model, e.g. {unfilled[:3]}: its scales are stored under names transformers' conversions do not map "
             f"(an initialised scale would scale every weight of its block wrongly)"
         )
-    budgets = rank_budgets(max_memory, tp * pp, device=device)
-    stage_map, offload_tiers = split_device_map(device_map, device=device)
+    budgets = rank_budgets(options.max_memory, tp * pp, device=device)
+    stage_map, offload_tiers = split_device_map(options.device_map, device=device)
     tensor_bytes = {t.name: t.numel * TORCH_DTYPE_ITEMSIZE[t.dtype] for t in skeleton.tensors}
     device_budgets = [b.device for b in budgets]
     stage_budgets = [

@@ -72,7 +72,6 @@ class Skeleton:
     layers_path: str | None  # module path of the repeated-layer ModuleList, e.g. "model.layers"
     num_layers: int
     heads: HeadLayout | None
-    vocab_size: int | None
     heads_vary: bool = False  # head counts differ per layer (heterogeneous config): no single HeadLayout
     by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
 
@@ -411,7 +410,6 @@ def describe(model: torch.nn.Module, *, dtype: torch.dtype) -> Skeleton:
         layers_path=layers_path,
         num_layers=num_layers,
         heads=_head_layout(model.config),
-        vocab_size=_global(text, "vocab_size"),
         heads_vary=any(_per_layer(text, n) for n in ("num_attention_heads", "num_key_value_heads", "head_dim")),
     )
 

@@ -25,11 +25,11 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def write_checkpoint(path: str, *, hidden: int, layers: int, vocab: int, shard: str) -> str:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from orchestrator.random_checkpoint import write_random_llama
 
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
+    config = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                  num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False, max_position_embeddings=256)
+    return write_random_llama(path, config=config, max_shard_size=shard)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,

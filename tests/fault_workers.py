@@ -83,8 +83,8 @@ def preloaded_planner(marker_dir: str) -> type:
         def where(self):
             return {**super().where(), "preloaded": True}
 
-        def plan_here(self, resolved, **options):
-            plan = super().plan_here(resolved, **options)
+        def plan_here(self, resolved, options):
+            plan = super().plan_here(resolved, options)
             open(os.path.join(marker_dir, f"planned-{self.rank}"), "w").close()
             return plan
 

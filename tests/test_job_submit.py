@@ -38,7 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)  # the venv's bin: ray, meshload
 HEAD_IP, WORKER_IP = "127.0.0.5", "127.0.0.6"
 CLUSTER_ENV = {
-    "RAY_AUTH_MODE": "disabled",  # see RAY_NOTES.md: token auth breaks `ray job submit` from another shell
+    "RAY_AUTH_MODE": "disabled",  # token auth breaks `ray job submit` from another shell
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM stops a node at once instead of draining 30 s
 }
@@ -46,7 +46,7 @@ CLUSTER_ENV = {
 # machine is busy with other test clusters.
 START_TIMEOUT_S = 60.0
 JOB_TIMEOUT_S = 120.0
-# Lean head, as RAY_NOTES.md measured: no idle workers prestarted for the first driver, no metrics.
+# Lean head, as measured on this 2-core machine: no idle workers prestarted for the first driver, no metrics.
 HEAD_SYSTEM_CONFIG = '{"prestart_worker_first_driver": false, "enable_metrics_collection": false}'
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 

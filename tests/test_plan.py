@@ -92,9 +92,10 @@ def counting_open(file, *a, **k):
     f = real_open(file, *a, **k)
     return Counting(f, str(file)) if str(file).endswith(".safetensors") else f
 builtins.open = counting_open
+from planning.options import PlanOptions
 from planning.planner import make_plan
 from workers.sources import resolve_model
-plan = make_plan(resolve_model({untied!r}), tp=2, pp=2, nodes=2)
+plan = make_plan(resolve_model({untied!r}), PlanOptions(tp=2, pp=2, nodes=2))
 headers = {{f.name: f.header_size for f in plan.files}}
 for name, n in read.items():
     assert n <= headers[os.path.basename(name)], (name, n)

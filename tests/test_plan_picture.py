@@ -167,10 +167,11 @@ def test_checked_in_docs_picture_is_the_tied_tp2_pp2_example():
 def test_picture_module_does_not_import_ray(tied):
     code = (
         "import sys\n"
+        "from planning.options import PlanOptions\n"
         "from planning.planner import make_plan\n"
         "from planning.plan_picture import plan_svg\n"
         "from workers.sources import resolve_model\n"
-        f"plan_svg(make_plan(resolve_model({tied!r}), tp=2, pp=2, nodes=2))\n"
+        f"plan_svg(make_plan(resolve_model({tied!r}), PlanOptions(tp=2, pp=2, nodes=2)))\n"
         "assert 'ray' not in sys.modules, 'plan_picture imported ray'\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)

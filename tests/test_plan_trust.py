@@ -20,6 +20,7 @@ import orchestrator
 import orchestrator.api
 from workers.sources import hub_cache
 from planning.errors import CheckpointError, PlanError
+from planning.options import PlanOptions, SourceOptions
 from planning.plan import LoadPlan
 from planning.plan_json import plan_from_json, plan_to_json
 from orchestrator.plan_cache import PlanCache, plan_key
@@ -146,7 +147,7 @@ OPTIONS = dict(tp=1, pp=1, nodes=1, device="cpu")
 
 
 def _start(path: str, cache: str):
-    return orchestrator.api._Planning.start(path, plan_cache=cache, **OPTIONS)
+    return orchestrator.api._Planning.start(path, PlanOptions(**OPTIONS), SourceOptions(), plan_cache=cache)
 
 
 def test_a_tampered_cache_entry_is_refused_and_planned_again(local, tmp_path, caplog):

@@ -1,6 +1,6 @@
 """``planning/`` is pure: it takes data and returns data; it opens no socket and writes no file.
 
-DESIGN.md, "Where I/O lives": a source's I/O lives under ``workers/sources/``, the plan cache under
+Where I/O lives (the project's design rule, README's stage table): a source's I/O lives under ``workers/sources/``, the plan cache under
 ``orchestrator/``. This walks the syntax tree of every module of ``planning/`` (no import, so nothing
 runs) and fails on a network or locking import, a huggingface_hub name that talks to the Hub, an
 ``open``/``os.open`` that writes, or a call that writes, moves or removes files. Reading the bytes it

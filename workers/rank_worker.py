@@ -62,6 +62,7 @@ from workers.tp_runtime import GroupSlot, apply_tensor_parallel
 from workers.wire import from_wire, to_wire
 
 if TYPE_CHECKING:
+    from planning.options import PlanOptions
     from planning.planner import ResolvedModel
 
 
@@ -215,7 +216,7 @@ class RankWorker:
         transformers' model code imported already (``workers.preload``)."""
         return {"rank": self.rank, **node_location(), "preloaded": preloaded()}
 
-    def plan_here(self, resolved: ResolvedModel, **options) -> LoadPlan:
+    def plan_here(self, resolved: ResolvedModel, options: PlanOptions) -> LoadPlan:
         """``planning.planner.make_plan`` run in this rank's process, for a driver that has not imported
         transformers' model code yet: in a preloaded worker building the skeleton takes well under a
         second, where the driver's own import takes seconds. Pure: the same plan the driver would make."""
@@ -223,7 +224,7 @@ class RankWorker:
 
         self._start_prebuild()
         self._imported.wait()  # the skeleton thread's import of transformers: never two imports at once
-        return make_plan(resolved, **options)
+        return make_plan(resolved, options)
 
     def get_progress(self) -> tuple[int, int]:
         return self.progress.done, self.progress.total

@@ -50,6 +50,7 @@ import os
 from typing import TYPE_CHECKING
 
 from planning.errors import ConfigError
+from planning.options import SourceOptions
 from workers.sources.base import CheckpointSource
 from workers.sources.hub import HubRepo
 from workers.sources.local import LocalFolder
@@ -79,26 +80,21 @@ def source_of(plan: LoadPlan) -> CheckpointSource:
         raise ConfigError(f"plan of {plan.model.source!r}: checkpoint kind {plan.model.kind!r}, expected one of {sorted(SOURCES)}") from None
 
 
-def resolve_model(
-    model: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    cache_dir: str | None = None,
-    token: str | bool | None = None,
-    allow_pickle: bool = False,
-) -> ResolvedModel:
+def resolve_model(model: str | os.PathLike, options: SourceOptions = SourceOptions()) -> ResolvedModel:
     """Locate ``model`` with the source that claims it and index it from headers (no tensor byte read)."""
     return source_for(model).resolve(
-        os.fspath(model), revision=revision, cache_dir=cache_dir, token=token, allow_pickle=allow_pickle
+        os.fspath(model), revision=options.revision, cache_dir=options.cache_dir, token=options.token,
+        allow_pickle=options.allow_pickle,
     )
 
 
-def resolve_plan_checkpoint(
-    plan: LoadPlan, *, cache_dir: str | None = None, token: str | bool | None = None, allow_pickle: bool = False
-) -> ResolvedModel:
+def resolve_plan_checkpoint(plan: LoadPlan, options: SourceOptions = SourceOptions()) -> ResolvedModel:
     """The checkpoint ``plan`` names, resolved now (headers read again) so that the plan can be checked
-    against it (``planning.plan_check``) before anything runs."""
-    return source_of(plan).resolve_plan(plan, cache_dir=cache_dir, token=token, allow_pickle=allow_pickle)
+    against it (``planning.plan_check``) before anything runs; at the plan's own revision (``options.revision``
+    is not used)."""
+    return source_of(plan).resolve_plan(
+        plan, cache_dir=options.cache_dir, token=options.token, allow_pickle=options.allow_pickle
+    )
 
 
 __all__ = ["SOURCES", "CheckpointSource", "resolve_model", "resolve_plan_checkpoint", "source_for", "source_of"]

@@ -1,5 +1,6 @@
-"""What every node fetcher takes and returns: its options, each fetched file, the node's outcome; and the
-byte tally a fetch keeps (written: progress; received: cost).
+"""What every node fetcher takes and returns: its options, each fetched file, the node's outcome; the
+byte tally a fetch keeps (written: progress; received: cost); and the loop that fetches a node's files
+concurrently (``fetch_each``).
 
 Source-neutral: the fetch stage (``orchestrator.fetch_stage``) builds ``FetchOptions`` on the driver and
 reads ``NodeFetchOutcome`` back, whatever the source (``workers.sources``). Plain data; runs anywhere.
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from planning.errors import PlanError
+from planning.errors import CheckpointError, MeshloadError, PlanError
 from planning.fetch_list import DEFAULT_MAX_GAP_BYTES, DEFAULT_WHOLE_ABOVE, MODES
 from workers.sources.http import RetryPolicy
 
@@ -103,6 +106,40 @@ class NodeFetchOutcome:
     @property
     def bytes_fetched(self) -> int:
         return sum(f.bytes_fetched for f in self.files)
+
+
+def fetch_each(items: Sequence, fetch_one: Callable[[object], FetchedFile], *, workers: int, cancel: threading.Event,
+               into: str) -> dict[str, FetchedFile]:
+    """``fetch_one(item)`` for each of a node's fetch items (``planning.fetch_list.FetchItem``), ``workers`` at a
+    time; the first failure sets ``cancel`` (the others stop at their next boundary, raising ``Cancelled``).
+    Returns each file's ``FetchedFile``; else raises the failure (one typed error as it is, several as one
+    ``CheckpointError`` naming each file; ``into``: the cache, named in the message)."""
+    results: dict[str, FetchedFile] = {}
+    errors: dict[str, BaseException] = {}
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="meshload-fetch") as pool:
+        futures = {pool.submit(fetch_one, item): item for item in items}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in done:
+                item = futures[fut]
+                try:
+                    results[item.file] = fut.result()
+                except Cancelled:
+                    pass
+                except BaseException as exc:  # noqa: BLE001 - reported below, first one typed
+                    errors[item.file] = exc
+                    cancel.set()
+    if not errors and len(results) < len(items):
+        missing = [i.file for i in items if i.file not in results]
+        raise CheckpointError(f"fetch into {into} was cancelled before {len(missing)} file(s): {missing}")
+    if errors:
+        first = next(iter(errors.values()))
+        if len(errors) == 1 and isinstance(first, MeshloadError):
+            raise first
+        lines = "; ".join(f"{type(e).__name__}: {e}" for _, e in sorted(errors.items()))
+        raise CheckpointError(f"{len(errors)} file(s) could not be fetched into {into}: {lines}")
+    return results
 
 
 class ByteCounter:

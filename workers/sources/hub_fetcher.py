@@ -34,17 +34,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
-from planning.errors import CheckpointError, MeshloadError, PlanError
+from planning.confinement import check_repo_id
+from planning.errors import CheckpointError, PlanError
 from planning.plan import LoadPlan
 from planning.validate import validate_names
 from workers.fetch_janitor import Janitor
 from planning.fetch_list import FetchItem, node_fetch_items
 from workers.report import node_location
 from workers.sources import hub_cache
-from workers.sources.fetch_types import Cancelled, FetchedFile, FetchOptions, NodeFetchOutcome
+from workers.sources.fetch_types import Cancelled, FetchedFile, FetchOptions, NodeFetchOutcome, fetch_each
 from workers.sources.http import RangeIgnored
 from workers.sources.hub_common import hub_endpoint, hub_offline
 from workers.sources.hub_ranges import BadPart, RangeFiles
@@ -71,11 +71,15 @@ class NodeFetcher(WholeFiles, RangeFiles):
         offline: bool | None = None,
         options: FetchOptions | None = None,
     ) -> None:
-        if plan.model.kind != "hub" or not plan.model.revision:
-            raise PlanError(f"{plan.model.source}: not a Hub checkpoint pinned to a commit; nothing to fetch")
+        if not plan.model.remote:
+            raise PlanError(f"{plan.model.source}: a checkpoint read in place from {plan.model.root}; nothing to fetch")
         if not 0 <= node < len(plan.nodes):
             raise PlanError(f"node {node} is not in the plan (nodes 0-{len(plan.nodes) - 1})")
-        validate_names(plan)
+        validate_names(plan)  # the commit, file names and hashes; the repo id, which goes into cache paths:
+        try:
+            check_repo_id(plan.model.source, where="plan")
+        except CheckpointError as exc:
+            raise PlanError(str(exc)) from None
         self.plan = plan
         self.node = node
         self.repo_id = plan.model.source
@@ -122,32 +126,11 @@ class NodeFetcher(WholeFiles, RangeFiles):
         ``token``: the Hub token (never logged); None: this node's ``HF_TOKEN`` or stored login."""
         self.token = token
         t0 = time.perf_counter()
-        results: dict[str, FetchedFile] = {}
-        errors: dict[str, BaseException] = {}
-        with ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="meshload-fetch") as pool:
-            futures = {pool.submit(self._fetch_item, item): item for item in self.fetch_items}
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for fut in done:
-                    item = futures[fut]
-                    try:
-                        results[item.file] = fut.result()
-                    except Cancelled:
-                        pass
-                    except BaseException as exc:  # noqa: BLE001 - reported below, first one typed
-                        errors[item.file] = exc
-                        self._cancel.set()
-        self._janitor.close()
-        if not errors and len(results) < len(self.fetch_items):
-            missing = [i.file for i in self.fetch_items if i.file not in results]
-            raise CheckpointError(f"fetch into {self.root} was cancelled before {len(missing)} file(s): {missing}")
-        if errors:
-            first = next(iter(errors.values()))
-            if len(errors) == 1 and isinstance(first, MeshloadError):
-                raise first
-            lines = "; ".join(f"{type(e).__name__}: {e}" for _, e in sorted(errors.items()))
-            raise CheckpointError(f"{len(errors)} file(s) could not be fetched into {self.root}: {lines}")
+        try:
+            results = fetch_each(self.fetch_items, self._fetch_item, workers=self.options.workers, cancel=self._cancel,
+                                 into=self.root)
+        finally:
+            self._janitor.close()
         where = self.where()
         return NodeFetchOutcome(
             node=self.node,

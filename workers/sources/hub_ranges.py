@@ -25,12 +25,11 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from urllib.parse import urlsplit
 
 from planning.errors import CheckpointError
-from planning.safetensors_header import header_digest, header_length, parse_header
 from planning.fetch_list import FetchItem
 from workers.sources import hub_cache
 from workers.sources.fetch_types import ByteTally, FetchedFile
 from workers.sources.http import Target, first_line, ranged_get
-from workers.sources.part_store import PartFile, RangeManifest, read_manifest, verified
+from workers.sources.part_store import PartFile, RangeManifest, check_part_header, read_manifest, verified
 
 log = logging.getLogger("meshload")
 
@@ -94,7 +93,7 @@ class RangeFiles:
         finally:
             part.close()  # keeps whatever completed: the next attempt resumes from it
         try:
-            self._check_header(part.data, item)
+            check_part_header(part.data, item, origin="the Hub")
         except CheckpointError as exc:
             for p in (manifest_path, data):  # never keep a part whose header does not match the plan
                 if os.path.exists(p):
@@ -133,16 +132,3 @@ class RangeFiles:
                    timeout_s=self.options.timeout_s, policy=self.options.retry, before=self._check_cancel,
                    on_retry=on_retry, describe=describe)
         part.done(start, stop, digest.hexdigest())
-
-    def _check_header(self, path: str, item: FetchItem) -> None:
-        """The fetched header must parse, and be the one the plan was made from (size and digest)."""
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            n = header_length(prefix, file=item.file, file_size=item.size)
-            body = f.read(n)
-        header = parse_header(body, file=item.file, file_size=item.size)
-        if header.header_size != item.header_size or (item.header_sha256 and header_digest(prefix + body) != item.header_sha256):
-            raise CheckpointError(
-                f"{item.file}: fetched header ({header.header_size} bytes, sha256 {header_digest(prefix + body)[:16]}…) is "
-                f"not the plan's ({item.header_size} bytes, sha256 {(item.header_sha256 or '?')[:16]}…); the file changed on the Hub"
-            )

@@ -20,10 +20,16 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from planning.byte_ranges import merge_ranges, subtract_ranges
 from planning.confinement import SHA256_RE
+from planning.errors import CheckpointError
+from planning.safetensors_header import header_digest, header_length, parse_header
 from workers.sources.private_files import open_private, private_dirs, read_private_json, write_private_atomically
+
+if TYPE_CHECKING:
+    from planning.fetch_list import FetchItem
 
 log = logging.getLogger("meshload")
 
@@ -187,3 +193,18 @@ def verified(manifest: RangeManifest, data: str, manifest_path: str, needed, *, 
     manifest = manifest.without(bad)
     write_manifest(manifest_path, manifest)
     return manifest
+
+
+def check_part_header(path: str, item: FetchItem, *, origin: str) -> None:
+    """The header fetched into the part file at ``path`` must parse, and be the one the plan was made from (size
+    and digest); else a ``CheckpointError`` saying the file changed at ``origin`` (the Hub, the bucket)."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        n = header_length(prefix, file=item.file, file_size=item.size)
+        body = f.read(n)
+    header = parse_header(body, file=item.file, file_size=item.size)
+    if header.header_size != item.header_size or (item.header_sha256 and header_digest(prefix + body) != item.header_sha256):
+        raise CheckpointError(
+            f"{item.file}: fetched header ({header.header_size} bytes, sha256 {header_digest(prefix + body)[:16]}…) is "
+            f"not the plan's ({item.header_size} bytes, sha256 {(item.header_sha256 or '?')[:16]}…); the file changed on {origin}"
+        )

@@ -14,7 +14,7 @@ its sha256, re-hashed when reused). The node's cache::
 
 ``<cache>``: the ``cache_dir`` option, else ``$MESHLOAD_CACHE_DIR``, else huggingface_hub's cache folder, as
 seen on the node (``workers.sources.hub_cache.cache_root``). The fingerprint is the plan's ``revision``
-(``workers.sources.s3.fingerprint``), so objects that changed are fetched into a new folder, never mixed
+(``workers.sources.s3_client.fingerprint``), so objects that changed are fetched into a new folder, never mixed
 with the old bytes.
 
 Integrity and confinement, as the Hub fetcher's: the plan's names checked first
@@ -51,7 +51,7 @@ from workers.sources.fetch_types import ByteTally, Cancelled, FetchedFile, Fetch
 from workers.sources.hub_cache import cache_root
 from workers.sources.part_store import PartFile, RangeManifest, check_part_header, read_manifest, verified
 from workers.sources.private_files import private_dirs
-from workers.sources.s3 import ObjectState, S3Location, fingerprint, head, read_range, s3_client
+from workers.sources.s3_client import ObjectState, S3Location, fingerprint, head, read_range, s3_client
 
 log = logging.getLogger("meshload")
 

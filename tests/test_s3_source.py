@@ -23,8 +23,6 @@ from planning.plan_check import check_plan_matches
 from tests import checkpoints
 from tests.conftest import wait_until_clean
 from tests.s3_server import Fault, S3Server
-from workers.assemble import assemble_state_dict
-from workers.rank_worker import RankWorker
 from workers.sources import resolve_model, source_of
 from workers.sources.fetch_types import FetchOptions
 from workers.sources.s3_fetcher import S3NodeFetcher
@@ -76,19 +74,6 @@ def _fetch(plan, node: int, cache: str, s3: S3Server, **options):
     fetcher = S3NodeFetcher(plan, node, cache_dir=cache, endpoint_url=s3.endpoint, options=FetchOptions(**{**FAST, **options}))
     outcome = fetcher.fetch()
     return outcome, {f.file: f.path for f in outcome.files}
-
-
-def _load_in_process(plan, paths_per_node: dict[int, dict[str, str]]) -> dict[str, torch.Tensor]:
-    """Every rank read from its node's fetched paths, in this process; the reassembled state."""
-    workers = [RankWorker(plan, r.rank) for r in plan.ranks]
-    for w in workers:
-        w.load(paths_per_node[w.rank_plan.node])
-    for w in workers:
-        for s in w.rank_plan.sends:
-            workers[s.to_rank].receive_tied(w.tied_for(s.to_rank))
-    for w in workers:
-        w.finalize()
-    return assemble_state_dict(plan, {w.rank: w.local_state() for w in workers})
 
 
 def _tensor_bytes_requested(s3: S3Server, plan) -> int:
@@ -186,7 +171,7 @@ def test_each_node_fetches_exactly_its_ranges_and_the_ranks_read_them_bit_for_bi
                     got.seek(a)
                     want.seek(a)
                     assert got.read(b - a) == want.read(b - a)
-    checkpoints.assert_state_equal(_load_in_process(plan, paths), oracle)
+    checkpoints.assert_state_equal(checkpoints.load_fetched(plan, paths), oracle)
     s3.served.clear()
     again, _ = _fetch(plan, 0, str(tmp_path / "node0"), s3, max_gap_bytes=0)  # the node's cache is reused: only HEADs
     assert all(f.from_cache for f in again.files) and again.bytes_fetched == 0
@@ -204,7 +189,7 @@ def test_bodies_cut_short_resume_and_server_errors_retry_then_fail_naming_the_ob
     assert all(f.times == 0 for f in s3.faults)  # both faults happened
     resumed = [s for s in s3.served if s.method == "GET" and s.status == 206]
     assert any(s.range and not s.range.startswith("bytes=0-") for s in resumed)  # asked again from the cut
-    checkpoints.assert_state_equal(_load_in_process(plan, {0: paths}), oracle)
+    checkpoints.assert_state_equal(checkpoints.load_fetched(plan, {0: paths}), oracle)
     for fault in (Fault(key, kind="cut", after=0, times=-1), Fault(key, status=502, code="BadGateway", times=-1)):
         s3.faults[:] = [fault]
         cache = tmp_path / f"bad-{fault.kind}"

@@ -108,6 +108,62 @@ class NodeFetchOutcome:
         return sum(f.bytes_fetched for f in self.files)
 
 
+class FetcherState:
+    """What every node fetcher keeps: the node's fetch items (``planning.fetch_list.node_fetch_items`` under
+    ``options``), the bytes in place of them, cancellation, and where it runs — ``progress()``, ``cancel()`` and
+    ``where()`` callable from another thread during ``fetch``. A source's node fetcher subclasses it."""
+
+    def __init__(self, plan, node: int, *, root: str, options: FetchOptions | None) -> None:
+        from planning.fetch_list import node_fetch_items
+
+        if not 0 <= node < len(plan.nodes):
+            raise PlanError(f"node {node} is not in the plan (nodes 0-{len(plan.nodes) - 1})")
+        self.plan = plan
+        self.node = node
+        self.root = root
+        self.options = options or FetchOptions()
+        self.fetch_items = node_fetch_items(
+            plan, node, mode=self.options.mode, max_gap_bytes=self.options.max_gap_bytes,
+            whole_above=self.options.whole_above,
+        )
+        self._progress_lock = threading.Lock()
+        self._done = 0
+        self._cancel = threading.Event()
+
+    def where(self) -> dict:
+        from workers.report import node_location
+
+        return {**node_location(), "cache_dir": self.root}
+
+    def cancel(self) -> None:
+        """Ask a running ``fetch`` to stop at the next file, attempt or range boundary (from another thread).
+
+        Downloads in flight finish or fail on their own, cleaning up after themselves, which killing the
+        process would not let them do.
+        """
+        self._cancel.set()
+
+    def progress(self) -> tuple[int, int]:
+        """(bytes in place, bytes planned) for this node; callable from another thread during ``fetch``."""
+        return self._done, sum(i.nbytes for i in self.fetch_items)
+
+    def _advance(self, n: int) -> None:
+        with self._progress_lock:
+            self._done += n
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled()
+
+    def _outcome(self, results: dict[str, FetchedFile], *, seconds: float) -> NodeFetchOutcome:
+        """The node's outcome: its files in fetch-list order."""
+        where = self.where()
+        return NodeFetchOutcome(
+            node=self.node, files=tuple(results[i.file] for i in self.fetch_items), cache_dir=self.root, seconds=seconds,
+            node_id=where["node_id"], node_ip=where["node_ip"], host=where["host"],
+        )
+
+
 def fetch_each(items: Sequence, fetch_one: Callable[[object], FetchedFile], *, workers: int, cancel: threading.Event,
                into: str) -> dict[str, FetchedFile]:
     """``fetch_one(item)`` for each of a node's fetch items (``planning.fetch_list.FetchItem``), ``workers`` at a

@@ -32,7 +32,6 @@ A plain class (no Ray): the orchestrator makes it an actor on each node; tests d
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from contextlib import contextmanager
 
@@ -41,10 +40,9 @@ from planning.errors import CheckpointError, PlanError
 from planning.plan import LoadPlan
 from planning.validate import validate_names
 from workers.fetch_janitor import Janitor
-from planning.fetch_list import FetchItem, node_fetch_items
-from workers.report import node_location
+from planning.fetch_list import FetchItem
 from workers.sources import hub_cache
-from workers.sources.fetch_types import Cancelled, FetchedFile, FetchOptions, NodeFetchOutcome, fetch_each
+from workers.sources.fetch_types import FetchedFile, FetcherState, FetchOptions, NodeFetchOutcome, fetch_each
 from workers.sources.http import RangeIgnored
 from workers.sources.hub_common import hub_endpoint, hub_offline
 from workers.sources.hub_ranges import BadPart, RangeFiles
@@ -53,7 +51,7 @@ from workers.sources.hub_whole import WholeFiles
 log = logging.getLogger("meshload")
 
 
-class NodeFetcher(WholeFiles, RangeFiles):
+class NodeFetcher(FetcherState, WholeFiles, RangeFiles):
     """Fetch node ``node``'s share of ``plan`` (a Hub checkpoint) into this machine's cache. See module docstring.
 
     ``cache_dir``: else ``$MESHLOAD_CACHE_DIR`` here, else huggingface_hub's default here. ``endpoint``
@@ -73,51 +71,19 @@ class NodeFetcher(WholeFiles, RangeFiles):
     ) -> None:
         if not plan.model.remote:
             raise PlanError(f"{plan.model.source}: a checkpoint read in place from {plan.model.root}; nothing to fetch")
-        if not 0 <= node < len(plan.nodes):
-            raise PlanError(f"node {node} is not in the plan (nodes 0-{len(plan.nodes) - 1})")
         validate_names(plan)  # the commit, file names and hashes; the repo id, which goes into cache paths:
         try:
             check_repo_id(plan.model.source, where="plan")
         except CheckpointError as exc:
             raise PlanError(str(exc)) from None
-        self.plan = plan
-        self.node = node
+        super().__init__(plan, node, root=hub_cache.cache_root(cache_dir), options=options)
         self.repo_id = plan.model.source
         self.commit = plan.model.revision
-        self.root = hub_cache.cache_root(cache_dir)
         self.token: str | bool | None = None
         self.endpoint = (endpoint or hub_endpoint()).rstrip("/")
         self.offline = hub_offline() if offline is None else offline
-        self.options = options or FetchOptions()
-        self.fetch_items = node_fetch_items(
-            plan, node, mode=self.options.mode, max_gap_bytes=self.options.max_gap_bytes,
-            whole_above=self.options.whole_above,
-        )
-        self._progress_lock = threading.Lock()
-        self._done = 0
-        self._cancel = threading.Event()
         self._locations: dict[str, str] = {}
         self._janitor = Janitor()  # removes what this process leaves half-written if it is killed mid-fetch
-
-    # -- introspection -------------------------------------------------------------------------
-    def where(self) -> dict:
-        return {**node_location(), "cache_dir": self.root}
-
-    def cancel(self) -> None:
-        """Ask a running ``fetch`` to stop at the next file, attempt or range boundary (from another thread).
-
-        Downloads in flight finish or fail on their own, cleaning up after themselves, which killing the
-        process would not let them do.
-        """
-        self._cancel.set()
-
-    def progress(self) -> tuple[int, int]:
-        """(bytes in place, bytes planned) for this node; callable from another thread during ``fetch``."""
-        return self._done, sum(i.nbytes for i in self.fetch_items)
-
-    def _advance(self, n: int) -> None:
-        with self._progress_lock:
-            self._done += n
 
     # -- the fetch -----------------------------------------------------------------------------
     def fetch(self, token: str | bool | None = None) -> NodeFetchOutcome:
@@ -131,16 +97,7 @@ class NodeFetcher(WholeFiles, RangeFiles):
                                  into=self.root)
         finally:
             self._janitor.close()
-        where = self.where()
-        return NodeFetchOutcome(
-            node=self.node,
-            files=tuple(results[i.file] for i in self.fetch_items),
-            cache_dir=self.root,
-            seconds=time.perf_counter() - t0,
-            node_id=where["node_id"],
-            node_ip=where["node_ip"],
-            host=where["host"],
-        )
+        return self._outcome(results, seconds=time.perf_counter() - t0)
 
     def _fetch_item(self, item: FetchItem) -> FetchedFile:
         with self._file_lock(item):
@@ -176,7 +133,3 @@ class NodeFetcher(WholeFiles, RangeFiles):
             yield
         finally:
             lock.release()
-
-    def _check_cancel(self) -> None:
-        if self._cancel.is_set():
-            raise Cancelled()

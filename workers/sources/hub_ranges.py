@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from urllib.parse import urlsplit
 
 from planning.errors import CheckpointError
@@ -29,7 +28,7 @@ from planning.fetch_list import FetchItem
 from workers.sources import hub_cache
 from workers.sources.fetch_types import ByteTally, FetchedFile
 from workers.sources.http import Target, first_line, ranged_get
-from workers.sources.part_store import PartFile, RangeManifest, check_part_header, read_manifest, verified
+from workers.sources.part_store import PartFile, RangeManifest, check_part_header, fill, read_manifest, verified
 
 log = logging.getLogger("meshload")
 
@@ -73,25 +72,14 @@ class RangeFiles:
                 f"{sum(b - a for a, b in missing)} of the {item.nbytes} bytes it needs ({len(missing)} range(s), "
                 f"first {missing[0][0]}-{missing[0][1]})"
             )
-        step = self.options.piece_bytes
-        pieces = [(s, min(s + step, b)) for a, b in missing for s in range(a, b, step)]
         self._janitor.watch_part(
             data=data, manifest=manifest_path,
             lock=hub_cache.lock_path(self.root, self.repo_id, commit=self.commit, filename=item.file, sha256=item.sha256),
         )
         part = PartFile(hub_cache.repo_folder(self.root, self.repo_id), data, manifest_path, manifest)
         tally = ByteTally(self._advance)
-        try:
-            with ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="meshload-range") as pool:
-                futures = [pool.submit(self._fetch_piece, item, part, a, b, tally) for a, b in pieces]
-                done, not_done = wait(futures, return_when=FIRST_EXCEPTION)
-                for f in not_done:
-                    f.cancel()
-                for f in futures:
-                    if f.done() and not f.cancelled() and f.exception() is not None:
-                        raise f.exception()
-        finally:
-            part.close()  # keeps whatever completed: the next attempt resumes from it
+        fill(part, missing, lambda a, b: self._fetch_piece(item, part, a, b, tally), piece_bytes=self.options.piece_bytes,
+             workers=self.options.workers)
         try:
             check_part_header(part.data, item, origin="the Hub")
         except CheckpointError as exc:

@@ -171,6 +171,27 @@ class PartFile:
                 os.close(self.fd)
 
 
+def fill(part: PartFile, missing, fetch_piece, *, piece_bytes: int, workers: int) -> None:
+    """The ``missing`` ranges into ``part``, in pieces of at most ``piece_bytes``: ``fetch_piece(start, stop)`` for
+    each (it writes the bytes and calls ``part.done``), ``workers`` at a time; the first failure cancels the
+    pieces not begun and is raised. ``part`` is closed whatever happens, keeping what completed (a later fetch
+    resumes from it)."""
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    pieces = [(s, min(s + piece_bytes, b)) for a, b in missing for s in range(a, b, piece_bytes)]
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="meshload-range") as pool:
+            futures = [pool.submit(fetch_piece, a, b) for a, b in pieces]
+            _, not_done = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in not_done:
+                f.cancel()
+            for f in futures:
+                if f.done() and not f.cancelled() and f.exception() is not None:
+                    raise f.exception()
+    finally:
+        part.close()
+
+
 def verified(manifest: RangeManifest, data: str, manifest_path: str, needed, *, where: str) -> RangeManifest:
     """``manifest`` without the pieces ``needed`` reuses whose bytes no longer hash as recorded (the manifest
     on disk is rewritten without them, so they are fetched again). ``where``: names the source in the warning."""

@@ -36,20 +36,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
-from planning.errors import CheckpointError, PlanError
-from planning.fetch_list import FetchItem, node_fetch_items
+from planning.errors import CheckpointError
+from planning.fetch_list import FetchItem
 from planning.plan import LoadPlan
 from planning.validate import validate_names
 from workers.fetch_janitor import Janitor
-from workers.report import node_location
-from workers.sources.fetch_types import ByteTally, Cancelled, FetchedFile, FetchOptions, NodeFetchOutcome, fetch_each
+from workers.sources.fetch_types import ByteTally, FetchedFile, FetcherState, FetchOptions, NodeFetchOutcome, fetch_each
 from workers.sources.hub_cache import cache_root
-from workers.sources.part_store import PartFile, RangeManifest, check_part_header, read_manifest, verified
+from workers.sources.part_store import PartFile, RangeManifest, check_part_header, fill, read_manifest, verified
 from workers.sources.private_files import private_dirs
 from workers.sources.s3_client import ObjectState, S3Location, fingerprint, head, read_range, s3_client
 
@@ -59,7 +57,7 @@ RANGES_DIR = "meshload-ranges"
 LOCKS_DIR = "meshload-locks"
 
 
-class S3NodeFetcher:
+class S3NodeFetcher(FetcherState):
     """Fetch node ``node``'s share of ``plan`` (an ``s3://`` checkpoint) into this machine's cache. See module
     docstring. ``endpoint_url``/``region``: the driver's (``S3Prefix.fetch_settings``), else this node's AWS
     settings."""
@@ -74,48 +72,15 @@ class S3NodeFetcher:
         region: str | None = None,
         options: FetchOptions | None = None,
     ) -> None:
-        if not 0 <= node < len(plan.nodes):
-            raise PlanError(f"node {node} is not in the plan (nodes 0-{len(plan.nodes) - 1})")
         validate_names(plan)
-        self.plan = plan
-        self.node = node
-        self.location = S3Location.parse(plan.model.source)
+        self.location = S3Location.parse(plan.model.source)  # the bucket's grammar: it goes into cache paths
+        super().__init__(plan, node, root=cache_root(cache_dir), options=options)
         self.revision = plan.model.revision
-        self.root = cache_root(cache_dir)
         self.folder = self.location.cache_folder(self.root)
         self.endpoint_url = endpoint_url
         self.region = region
-        self.options = options or FetchOptions()
-        self.fetch_items = node_fetch_items(
-            plan, node, mode=self.options.mode, max_gap_bytes=self.options.max_gap_bytes,
-            whole_above=self.options.whole_above,
-        )
-        self._progress_lock = threading.Lock()
-        self._done = 0
-        self._cancel = threading.Event()
         self._janitor = Janitor()
 
-    # -- introspection -------------------------------------------------------------------------
-    def where(self) -> dict:
-        return {**node_location(), "cache_dir": self.root}
-
-    def cancel(self) -> None:
-        """Ask a running ``fetch`` to stop at the next file, attempt or piece boundary (from another thread)."""
-        self._cancel.set()
-
-    def progress(self) -> tuple[int, int]:
-        """(bytes in place, bytes planned) for this node; callable from another thread during ``fetch``."""
-        return self._done, sum(i.nbytes for i in self.fetch_items)
-
-    def _advance(self, n: int) -> None:
-        with self._progress_lock:
-            self._done += n
-
-    def _check_cancel(self) -> None:
-        if self._cancel.is_set():
-            raise Cancelled()
-
-    # -- the fetch -----------------------------------------------------------------------------
     def fetch(self, token: object = None) -> NodeFetchOutcome:
         """Make every item of this node present in its cache; returns where each file is and what it cost.
         ``token``: unused (the credentials are this node's AWS settings)."""
@@ -127,11 +92,7 @@ class S3NodeFetcher:
                                  workers=self.options.workers, cancel=self._cancel, into=self.root)
         finally:
             self._janitor.close()
-        where = self.where()
-        return NodeFetchOutcome(
-            node=self.node, files=tuple(results[i.file] for i in self.fetch_items), cache_dir=self.root,
-            seconds=time.perf_counter() - t0, node_id=where["node_id"], node_ip=where["node_ip"], host=where["host"],
-        )
+        return self._outcome(results, seconds=time.perf_counter() - t0)
 
     def _current_states(self, client) -> dict[str, ObjectState]:
         """Every object of the plan as it is now, which must be the plan's fingerprint."""
@@ -190,23 +151,12 @@ class S3NodeFetcher:
             self._advance(item.nbytes - sum(b - a for a, b in missing))
             if not missing:
                 return FetchedFile(item.file, data, item.whole, item.nbytes, 0, True)
-            step = self.options.piece_bytes
-            pieces = [(s, min(s + step, b)) for a, b in missing for s in range(a, b, step)]
             private_dirs(self.root, os.path.dirname(data))
             self._janitor.watch_part(data=data, manifest=manifest_path, lock=self._lock_path(item))
             part = PartFile(self.root, data, manifest_path, manifest)
             tally = ByteTally(self._advance)
-            try:
-                with ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="meshload-s3") as pool:
-                    futures = [pool.submit(self._fetch_piece, client, item, state, part, a, b, tally) for a, b in pieces]
-                    _, not_done = wait(futures, return_when=FIRST_EXCEPTION)
-                    for f in not_done:
-                        f.cancel()
-                    for f in futures:
-                        if f.done() and not f.cancelled() and f.exception() is not None:
-                            raise f.exception()
-            finally:
-                part.close()  # keeps whatever completed: the next attempt resumes from it
+            fill(part, missing, lambda a, b: self._fetch_piece(client, item, state, part, a, b, tally),
+                 piece_bytes=self.options.piece_bytes, workers=self.options.workers)
             try:
                 check_part_header(data, item, origin=f"{self.location.url(item.file)}")
             except CheckpointError:

@@ -18,7 +18,6 @@ falls back to a whole download.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from urllib.parse import urlsplit
@@ -28,7 +27,7 @@ from planning.fetch_list import FetchItem
 from workers.sources import hub_cache
 from workers.sources.fetch_types import ByteTally, FetchedFile
 from workers.sources.http import Target, first_line, ranged_get
-from workers.sources.part_store import PartFile, RangeManifest, check_part_header, fill, read_manifest, verified
+from workers.sources.part_store import PartFile, PieceWriter, RangeManifest, check_part_header, fill, read_manifest, verified
 
 log = logging.getLogger("meshload")
 
@@ -94,18 +93,12 @@ class RangeFiles:
         from the last byte received; a signed CDN URL that expired is asked for again once)."""
         from huggingface_hub.utils import build_hf_headers
 
-        digest = hashlib.sha256()  # of the bytes written, in order (a resumed body continues where it stopped)
+        piece = PieceWriter(part, start, stop, tally)
 
         def target(refresh: bool) -> Target:
             url = self._location(item, refresh=refresh)
             same_origin = urlsplit(url)[:2] == urlsplit(self.endpoint)[:2]
             return Target(url, build_hf_headers(token=self.token) if same_origin else {}, signed=not same_origin)
-
-        def write(offset: int, chunk: bytes) -> None:
-            part.write(offset, chunk)
-            digest.update(chunk)
-            tally.add_transfer(len(chunk))
-            tally.add_written(len(chunk))
 
         def on_retry(attempt: int, pos: int, exc: BaseException) -> None:
             log.warning("meshload: %s bytes %d-%d: %s; resuming at %d", item.file, start, stop - 1, exc, pos)
@@ -116,7 +109,7 @@ class RangeFiles:
                 f"after {tries} attempt(s): {first_line(exc)}"
             )
 
-        ranged_get(target, start=start, stop=stop, size=item.size, file=item.file, write=write,
+        ranged_get(target, start=start, stop=stop, size=item.size, file=item.file, write=piece.write,
                    timeout_s=self.options.timeout_s, policy=self.options.retry, before=self._check_cancel,
                    on_retry=on_retry, describe=describe)
-        part.done(start, stop, digest.hexdigest())
+        piece.done()

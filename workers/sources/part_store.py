@@ -171,6 +171,25 @@ class PartFile:
                 os.close(self.fd)
 
 
+class PieceWriter:
+    """One piece ``[start, stop)`` of a part file being received: ``write(offset, chunk)`` writes the bytes in
+    order, hashes them (a body resumed after a cut continues the hash) and counts them on ``tally`` (a
+    ``workers.sources.fetch_types.ByteTally``: received and written); ``done()`` records the piece."""
+
+    def __init__(self, part: PartFile, start: int, stop: int, tally) -> None:
+        self.part, self.start, self.stop, self.tally = part, start, stop, tally
+        self.digest = hashlib.sha256()
+
+    def write(self, offset: int, chunk: bytes) -> None:
+        self.part.write(offset, chunk)
+        self.digest.update(chunk)
+        self.tally.add_transfer(len(chunk))
+        self.tally.add_written(len(chunk))
+
+    def done(self) -> None:
+        self.part.done(self.start, self.stop, self.digest.hexdigest())
+
+
 def fill(part: PartFile, missing, fetch_piece, *, piece_bytes: int, workers: int) -> None:
     """The ``missing`` ranges into ``part``, in pieces of at most ``piece_bytes``: ``fetch_piece(start, stop)`` for
     each (it writes the bytes and calls ``part.done``), ``workers`` at a time; the first failure cancels the

@@ -47,7 +47,7 @@ from planning.validate import validate_names
 from workers.fetch_janitor import Janitor
 from workers.sources.fetch_types import ByteTally, FetchedFile, FetcherState, FetchOptions, NodeFetchOutcome, fetch_each
 from workers.sources.hub_cache import cache_root
-from workers.sources.part_store import PartFile, RangeManifest, check_part_header, fill, read_manifest, verified
+from workers.sources.part_store import PartFile, PieceWriter, RangeManifest, check_part_header, fill, read_manifest, verified
 from workers.sources.private_files import private_dirs
 from workers.sources.s3_client import ObjectState, S3Location, fingerprint, head, read_range, s3_client
 
@@ -168,17 +168,11 @@ class S3NodeFetcher(FetcherState):
 
     def _fetch_piece(self, client, item: FetchItem, state: ObjectState, part: PartFile, start: int, stop: int,
                      tally: ByteTally) -> None:
-        digest = hashlib.sha256()  # of the bytes written, in order (a resumed body continues where it stopped)
-
-        def write(offset: int, chunk: bytes) -> None:
-            part.write(offset, chunk)
-            digest.update(chunk)
-            tally.add_transfer(len(chunk))
-            tally.add_written(len(chunk))
+        piece = PieceWriter(part, start, stop, tally)
 
         def on_retry(attempt: int, pos: int, exc: BaseException) -> None:
             log.warning("meshload: %s bytes %d-%d: %s; resuming at %d", self.location.url(item.file), start, stop - 1, exc, pos)
 
-        read_range(client, self.location, item.file, start=start, stop=stop, size=item.size, write=write,
+        read_range(client, self.location, item.file, start=start, stop=stop, size=item.size, write=piece.write,
                    policy=self.options.retry, etag=state.etag, before=self._check_cancel, on_retry=on_retry)
-        part.done(start, stop, digest.hexdigest())
+        piece.done()

@@ -11,10 +11,12 @@ the first source that claims it (``source_for``), a plan to the source of its ki
 | ``hub`` | ``workers.sources.hub`` | ``org/name`` (``revision=``) | ``workers.sources.hub_fetcher.NodeFetcher`` into the node's cache |
 | ``s3`` | ``workers.sources.s3`` | ``s3://bucket/prefix`` (S3 and compatibles; the AWS settings) | ``workers.sources.s3_fetcher.S3NodeFetcher`` into the node's cache |
 
-What the pieces shared by sources are: ``workers.sources.hub_cache`` (the node's cache layout, its range
-store of part files and their manifests), ``planning.fetch_list`` (what a node fetches: whole files or
-the exact byte runs its ranks read, coalesced), ``workers.fetch_janitor`` (removes what a killed fetcher
-left half-written).
+What the pieces shared by sources are: ``workers.sources.part_store`` (part files and their manifests, the
+pieces written into them), ``workers.sources.hub_cache`` (the node's cache root), ``planning.fetch_list``
+(what a node fetches: whole files or the exact byte runs its ranks read, coalesced),
+``workers.sources.fetch_types`` (a fetcher's options, state, outcome and its loop over files),
+``workers.sources.http`` (the one ``RetryPolicy``), ``workers.fetch_janitor`` (removes what a killed
+fetcher left half-written).
 
 Adding a source is one new module here (and its node fetcher's, if it fetches) and one entry in
 ``SOURCES``; nothing in ``planning/`` or ``orchestrator/`` names a kind (``workers.sources.s3`` was added

@@ -158,7 +158,7 @@ class S3NodeFetcher(FetcherState):
             fill(part, missing, lambda a, b: self._fetch_piece(client, item, state, part, a, b, tally),
                  piece_bytes=self.options.piece_bytes, workers=self.options.workers)
             try:
-                check_part_header(data, item, origin=f"{self.location.url(item.file)}")
+                check_part_header(data, item, origin=self.location.url(item.file))
             except CheckpointError:
                 for p in (manifest_path, data):  # never keep a part whose header does not match the plan
                     if os.path.exists(p):

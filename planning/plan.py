@@ -158,14 +158,21 @@ class StagePlan:
 class ModelRef:
     """Where the checkpoint and config come from, and how to rebuild the skeleton on a rank."""
 
-    source: str  # what the user passed: a path or a Hub repo id
-    kind: str  # "local" or "hub"
-    root: str | None  # local checkpoint folder (None for Hub checkpoints: each node resolves its cache)
-    revision: str | None
+    source: str  # what the user passed: a path, a Hub repo id, an s3:// prefix
+    kind: str  # the source's kind (``workers.sources.SOURCES``): "local", "hub", "s3"
+    root: str | None  # local checkpoint folder (None for a remote checkpoint: each node fetches into its cache)
+    revision: str | None  # a remote checkpoint's pinned version: a Hub commit, an object-store fingerprint
     class_name: str
     model_type: str
     config: dict = field(repr=False)  # config.json content
     checkpoint_format: str = "safetensors"
+
+    @property
+    def remote(self) -> bool:
+        """Fetched by each node into its own cache (named by ``source`` and the pinned ``revision``; no ``root``),
+        rather than read in place from the folder ``root``. Which a kind is, its source declares
+        (``CheckpointSource.remote``); ``workers.sources.source_of`` holds a plan to it."""
+        return self.root is None
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,8 @@ byte ranges that ranks will open and node fetchers will create and delete. ``pla
 that such a plan agrees with itself and that its names are well formed; this module checks that it
 agrees with the checkpoint as resolved now (headers read again from the folder, the Hub, or the cache):
 
-- the same location: kind, folder, Hub repo and commit, format;
+- the same location: kind, folder (or remote reference and pinned version: a Hub commit, an object-store
+  fingerprint), format;
 - the same files: name, size, header size, header digest, sha256 and git blob id, every one of them;
 - every read of a tensor at the file, offset, dtype and shape that the file's header gives it.
 
@@ -38,7 +39,7 @@ def check_plan_matches(plan: LoadPlan, resolved: ResolvedModel, *, options: dict
     where = f"the plan of {m.source!r}"
     made_for = (m.kind, m.root, m.revision, m.checkpoint_format)
     now = (resolved.kind, resolved.root, resolved.revision, resolved.index.format)
-    if made_for != now or (m.kind == "hub" and m.source != str(resolved.ref_source)):
+    if made_for != now or (m.remote and m.source != str(resolved.ref_source)):
         raise PlanError(
             f"{where} was made for {_location(*made_for[:3], m.source)} ({made_for[3]}), but the checkpoint is "
             f"{_location(*now[:3], resolved.ref_source)} ({now[3]}); plan it again"
@@ -79,7 +80,7 @@ def check_plan_matches(plan: LoadPlan, resolved: ResolvedModel, *, options: dict
 
 
 def _location(kind: str, root: str | None, revision: str | None, source) -> str:
-    return f"folder {root}" if kind == "local" else f"Hub repo {source}@{revision}"
+    return f"folder {root}" if root is not None else f"{kind} checkpoint {source}@{revision}"
 
 
 def _check_files(planned, actual, *, where: str) -> None:

@@ -43,7 +43,7 @@ class ResolvedModel:
     """A checkpoint located and indexed by its source (``workers.sources``): where it is, its config, its tensors."""
 
     ref_source: str
-    kind: str  # the source's kind (``workers.sources.SOURCES``): "local" or "hub"
+    kind: str  # the source's kind (``workers.sources.SOURCES``): "local", "hub", "s3"
     root: str | None
     revision: str | None
     config_dict: dict

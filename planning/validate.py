@@ -9,9 +9,11 @@
 - Offload (``planning.offload``): only tensors of the repeated layers are off the device, in a known tier;
   an alias lives where its owner does; a tensor another stage sends stays on the device.
 - Budgets respected (the device's including room to stream two offloaded layers; host memory's); every node fetches every byte its ranks read, and only files of the plan.
-- Names: the checkpoint's location (an absolute folder, or a Hub repo id and a commit sha), every file
-  name (plain relative paths), every sha256 — as ``planning.confinement`` allows them. Whether the
-  files are those of the checkpoint on disk is ``planning.plan_check``'s part.
+- Names: the checkpoint's location (an absolute folder; for a remote checkpoint, a reference and a pinned
+  version of 40 hex digits, whose grammar — a Hub repo id, an S3 bucket — its source checks where it
+  turns them into paths), every file name (plain relative paths), every sha256 — as
+  ``planning.confinement`` allows them. Whether the files are those of the checkpoint on disk is
+  ``planning.plan_check``'s part.
 
 Failures are bugs in planning (or a tampered plan file), reported as ``PlanError`` with the rank and
 tensor. Pure; runs on the driver after ``planning.build.build_plan`` and after reading a plan from JSON, and on every
@@ -24,7 +26,7 @@ import math
 import os
 
 from planning.boxes import Box, box_numel, in_bounds, replace_dim
-from planning.confinement import check_commit, check_git_sha1, check_relative_name, check_repo_id, check_sha256
+from planning.confinement import check_commit, check_git_sha1, check_relative_name, check_sha256
 from planning.errors import CheckpointError, PlanError
 from planning.offload import TIERS, stream_bytes, tier_bytes
 from planning.pipeline import layer_of
@@ -60,16 +62,14 @@ def validate_names(plan: LoadPlan) -> None:
     """Every name and hash in ``plan`` that ends up in a path, checked against ``planning.confinement``."""
     m = plan.model
     try:
-        if m.kind == "hub":
-            check_repo_id(m.source, where="plan")
-            check_commit(m.revision, where=f"plan of {m.source}")
-            if m.root is not None:
-                raise PlanError(f"plan of Hub repo {m.source} names a local folder {m.root!r}")
-        elif m.kind == "local":
-            if not isinstance(m.root, str) or not os.path.isabs(m.root) or os.path.normpath(m.root) != m.root:
-                raise PlanError(f"plan of {m.source!r}: checkpoint folder {m.root!r} is not a normalized absolute path")
-        else:
-            raise PlanError(f"plan: checkpoint kind {m.kind!r}, expected 'local' or 'hub'")
+        if not isinstance(m.kind, str) or not m.kind.isidentifier():
+            raise PlanError(f"plan: checkpoint kind {m.kind!r} is not a source's name")
+        if m.remote:  # fetched into each node's cache, under names its source derives from the reference
+            if not isinstance(m.source, str) or not m.source or not m.source.isprintable():
+                raise PlanError(f"plan: {m.kind} checkpoint reference {m.source!r} is empty or not printable")
+            check_commit(m.revision, where=f"plan of {m.source}")  # the pinned version: a commit or a fingerprint
+        elif not isinstance(m.root, str) or not os.path.isabs(m.root) or os.path.normpath(m.root) != m.root:
+            raise PlanError(f"plan of {m.source!r}: checkpoint folder {m.root!r} is not a normalized absolute path")
         if m.checkpoint_format not in ("safetensors", "pickle"):
             raise PlanError(f"plan: checkpoint format {m.checkpoint_format!r}, expected 'safetensors' or 'pickle'")
         seen = set()

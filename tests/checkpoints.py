@@ -107,13 +107,23 @@ def family(path: str, name: str, *, seed: int = 0, shard: str | None = "20KB", d
 
 def load_in_process(plan) -> tuple[dict[str, torch.Tensor], list]:
     """Run every rank of ``plan`` in this process (no Ray): the reassembled state and the rank reports."""
+    paths = {f.name: os.path.join(plan.model.root, f.name) for f in plan.files}
+    return _run_ranks(plan, {n.node: paths for n in plan.nodes})
+
+
+def load_fetched(plan, paths_per_node: dict[int, dict[str, str]]) -> dict[str, torch.Tensor]:
+    """Every rank of ``plan`` read, in this process, from its node's fetched files (``{node: {file: path}}``);
+    the reassembled state."""
+    return _run_ranks(plan, paths_per_node)[0]
+
+
+def _run_ranks(plan, paths_per_node: dict[int, dict[str, str]]) -> tuple[dict[str, torch.Tensor], list]:
     from workers.assemble import assemble_state_dict
     from workers.rank_worker import RankWorker
 
-    paths = {f.name: os.path.join(plan.model.root, f.name) for f in plan.files}
     workers = [RankWorker(plan, r) for r in range(plan.world_size)]
     for w in workers:
-        w.load(paths)
+        w.load(paths_per_node[w.rank_plan.node])
     for w in workers:
         for s in w.rank_plan.sends:
             workers[s.to_rank].receive_tied(w.tied_for(s.to_rank))

@@ -19,6 +19,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The object-storage tests' server (moto, on loopback: tests/s3_server.py) accepts any credentials; the S3
+# source takes them from each node's environment, which Ray's workers inherit from this process.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "meshload-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "meshload-test")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 import shutil
 import tempfile

@@ -30,11 +30,9 @@ from workers.sources.part_store import read_manifest
 from tests import checkpoints, fault_workers
 from tests.conftest import _start_cluster, remove_a_rank_node_while_loading, wait_until_clean
 from tests.hub_server import Fault, HubServer
-from workers.assemble import assemble_state_dict
 from planning.fetch_list import node_fetch_items
 from workers.sources.fetch_types import FetchOptions
 from workers.sources.hub_fetcher import NodeFetcher
-from workers.rank_worker import RankWorker
 
 SHARDED, SINGLE, PICKLE, MEDIUM = "org/tiny-llama", "org/tiny-single", "org/tiny-pickle", "org/medium-llama"
 MEDIUM_NEXT = "org/medium-llama-step1"  # MEDIUM's next training step: the same shapes, other values, other shards
@@ -121,19 +119,6 @@ def assert_cache_sound(cache: str, hub: HubServer, repo_id: str) -> None:
                 got.seek(a)
                 want.seek(a)
                 assert got.read(b - a) == want.read(b - a), f"{name}: range {a}-{b} listed in the manifest is wrong"
-
-
-def _load_in_process(plan, fetched_per_node: dict[int, dict[str, str]]) -> dict[str, torch.Tensor]:
-    """Every rank read from its node's fetched paths, in this process; the reassembled state."""
-    workers = [RankWorker(plan, r.rank) for r in plan.ranks]
-    for w in workers:
-        w.load(fetched_per_node[w.rank_plan.node])
-    for w in workers:
-        for s in w.rank_plan.sends:
-            workers[s.to_rank].receive_tied(w.tied_for(s.to_rank))
-    for w in workers:
-        w.finalize()
-    return assemble_state_dict(plan, {w.rank: w.local_state() for w in workers})
 
 
 def _fetch(plan, node: int, cache: str, **options) -> tuple:
@@ -285,7 +270,7 @@ def test_whole_files_once_per_node_verified_in_the_standard_cache(hub, repos, tm
         assert os.path.basename(os.path.realpath(paths[f.name])) == f.sha256
     assert {r.repo_id for r in scan_cache_dir(cache).repos} == {SHARDED}
     assert_cache_sound(cache, hub, SHARDED)
-    checkpoints.assert_state_equal(_load_in_process(plan, {0: paths}), oracle)
+    checkpoints.assert_state_equal(checkpoints.load_fetched(plan, {0: paths}), oracle)
 
 
 def test_byte_ranges_fetch_exactly_what_each_node_reads(hub, repos, tmp_path):
@@ -304,7 +289,7 @@ def test_byte_ranges_fetch_exactly_what_each_node_reads(hub, repos, tmp_path):
         assert not os.path.exists(os.path.join(repo_folder(cache, SHARDED), "snapshots", hub.repos[SHARDED].commit, plan.files[0].name))
         assert_cache_sound(cache, hub, SHARDED)
     assert _lfs_bytes(hub, SHARDED) == total <= 1.1 * plan.totals.checkpoint_bytes
-    checkpoints.assert_state_equal(_load_in_process(plan, fetched), oracle)
+    checkpoints.assert_state_equal(checkpoints.load_fetched(plan, fetched), oracle)
     hub.reset_log()
     again, _ = _fetch(plan, 0, str(tmp_path / "node0"), mode="ranges", max_gap_bytes=0)
     assert again.bytes_fetched == 0 and all(f.from_cache for f in again.files) and hub.served() == []
@@ -360,7 +345,7 @@ def test_one_off_faults_end_in_a_correct_fetch(hub, repos, tmp_path, monkeypatch
         _, fetched[node.node] = _fetch(plan, node.node, cache, mode=mode, max_gap_bytes=0, **timeout)
     assert fault.hits == 1
     assert_cache_sound(cache, hub, SHARDED)
-    checkpoints.assert_state_equal(_load_in_process(plan, fetched), oracle)
+    checkpoints.assert_state_equal(checkpoints.load_fetched(plan, fetched), oracle)
     gets = hub.served(lambda s: s.origin == "cdn" and s.path == hub.lfs_path(SHARDED, victim.name))
     if kind == "cut" and mode == "ranges":  # resumed from the very byte where the body stopped
         assert any(s.range and s.range.startswith(f"bytes={after}-") and s.status == 206 for s in gets), gets
@@ -415,7 +400,7 @@ def test_offline_plans_and_fetches_from_the_cache_and_names_what_is_missing(hub,
     outcome0, paths0 = _fetch(offline, 0, whole)
     outcome1, paths1 = _fetch(offline, 1, ranges, mode="ranges", max_gap_bytes=0)
     assert outcome0.bytes_fetched == outcome1.bytes_fetched == 0
-    checkpoints.assert_state_equal(_load_in_process(offline, {0: paths0, 1: paths1}), oracle)
+    checkpoints.assert_state_equal(checkpoints.load_fetched(offline, {0: paths0, 1: paths1}), oracle)
 
     # What is missing is named: node 0's ranges are not in a cache holding node 1's ...
     with pytest.raises(CheckpointError, match=r"offline mode .* lacks \d+ of the \d+ bytes it needs"):

@@ -132,7 +132,8 @@ def test_malformed_plan_json_is_a_plan_error(local):
     for edit, message in (
         (lambda d: d["ranks"][0]["params"][0]["reads"][0].__setitem__("file_offset", "8"), "expected int, got str"),
         (lambda d: d.__setitem__("files", {"a": 1}), "expected a JSON list"),
-        (lambda d: d["model"].__setitem__("kind", "s3"), "checkpoint kind 's3'"),
+        (lambda d: d["model"].__setitem__("kind", "../s3"), "checkpoint kind '../s3' is not a source's name"),
+        (lambda d: d["model"].__setitem__("revision", "main") or d["model"].__setitem__("root", None), "revision 'main' is not"),
         (lambda d: d["files"][0].__setitem__("sha256", "../x"), "sha256 '../x' is not 64 hex digits"),
     ):
         with pytest.raises(PlanError, match=message):

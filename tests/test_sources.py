@@ -8,6 +8,7 @@ ignores ``Range`` (what a server answering 200 to a range request looks like).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.server
 import os
@@ -16,7 +17,7 @@ import threading
 import pytest
 
 import orchestrator
-from planning.errors import CheckpointError, ConfigError
+from planning.errors import CheckpointError, ConfigError, PlanError
 from tests import checkpoints
 from tests.hub_server import Fault, HubServer
 from workers.sources import SOURCES, resolve_model, source_for, source_of
@@ -24,6 +25,7 @@ from workers.sources.base import CheckpointSource
 from workers.sources.hub import HubRepo
 from workers.sources.http import RangeIgnored, RetryPolicy, Target, ranged_get
 from workers.sources.local import LocalFolder
+from workers.sources.s3 import S3Prefix
 
 COMMIT = "a" * 40
 
@@ -40,13 +42,21 @@ def test_each_reference_goes_to_the_source_that_claims_it(folder, tmp_path):
     assert isinstance(source_for(folder), LocalFolder)
     assert isinstance(source_for(str(single / "model.safetensors")), LocalFolder)
     assert isinstance(source_for("org/name"), HubRepo) and isinstance(source_for("gpt2"), HubRepo)
-    for nobody in ("s3://bucket/prefix", "./missing", "/no/such/folder", "a/b/c"):
+    assert isinstance(source_for("s3://bucket/prefix"), S3Prefix) and SOURCES["s3"].remote
+    for nobody in ("gs://bucket/prefix", "./missing", "/no/such/folder", "a/b/c"):
         with pytest.raises(ConfigError, match=f"{nobody}: no such file or folder"):
             source_for(nobody)
     plan = orchestrator.plan(folder, tp=2, nodes=2)
     assert source_of(plan) is SOURCES["local"] and resolve_model(folder).kind == plan.model.kind == "local"
     assert source_of(plan).paths_in_place(plan) == {f.name: os.path.join(folder, f.name) for f in plan.files}
     assert SOURCES["local"].fetcher_class() is None and SOURCES["hub"].fetcher_class().__name__ == "NodeFetcher"
+    assert SOURCES["s3"].fetcher_class().__name__ == "S3NodeFetcher"
+    # What a kind is (fetched, or read in place) is its source's declaration, which a plan cannot change.
+    for kind in ("hub", "s3"):
+        with pytest.raises(PlanError, match=f"a {kind} checkpoint is fetched by each node .* names the folder"):
+            source_of(dataclasses.replace(plan, model=dataclasses.replace(plan.model, kind=kind)))
+    with pytest.raises(ConfigError, match="checkpoint kind 'ftp', expected one of"):
+        source_of(dataclasses.replace(plan, model=dataclasses.replace(plan.model, kind="ftp")))
 
 
 def test_a_local_source_lets_a_rank_read_only_the_plans_files_in_its_folder(folder, tmp_path):

@@ -9,16 +9,24 @@ the first source that claims it (``source_for``), a plan to the source of its ki
 | --- | --- | --- | --- |
 | ``local`` | ``workers.sources.local`` | a folder (also a Hugging Face cache snapshot folder) or a ``.safetensors`` file | none: read in place |
 | ``hub`` | ``workers.sources.hub`` | ``org/name`` (``revision=``) | ``workers.sources.hub_fetcher.NodeFetcher`` into the node's cache |
+| ``s3`` | ``workers.sources.s3`` | ``s3://bucket/prefix`` (S3 and compatibles; the AWS settings) | ``workers.sources.s3_fetcher.S3NodeFetcher`` into the node's cache |
 
-What the pieces shared by sources are: ``workers.sources.hub_cache`` (the node's cache layout, its range
-store of part files and their manifests), ``planning.fetch_list`` (what a node fetches: whole files or
-the exact byte runs its ranks read, coalesced), ``workers.fetch_janitor`` (removes what a killed fetcher
-left half-written).
+What the pieces shared by sources are: ``workers.sources.part_store`` (part files and their manifests, the
+pieces written into them), ``workers.sources.hub_cache`` (the node's cache root), ``planning.fetch_list``
+(what a node fetches: whole files or the exact byte runs its ranks read, coalesced),
+``workers.sources.fetch_types`` (a fetcher's options, state, outcome and its loop over files),
+``workers.sources.http`` (the one ``RetryPolicy``), ``workers.fetch_janitor`` (removes what a killed
+fetcher left half-written).
 
-Adding a source (e.g. object storage, ``s3://bucket/prefix``) is one new module here and one entry in
-``SOURCES``. The module defines a ``workers.sources.base.CheckpointSource`` subclass that provides:
+Adding a source is one new module here (and its node fetcher's, if it fetches) and one entry in
+``SOURCES``; nothing in ``planning/`` or ``orchestrator/`` names a kind (``workers.sources.s3`` was added
+so). The module defines a ``workers.sources.base.CheckpointSource`` subclass that provides:
 
-1. ``kind``: a new short name (it goes into plans; ``planning.validate.validate_names`` must accept it);
+1. ``kind``: a new short name, an identifier (it goes into plans), and ``remote``: True if each node
+   fetches the checkpoint into its cache — then its ``ResolvedModel`` has no ``root`` and a ``revision``
+   of 40 hex digits pinning the version (a commit, a fingerprint of the objects), which is what
+   ``planning.validate.validate_names`` and ``planning.plan_check`` check of a remote location; the
+   reference's own grammar (a repo id, a bucket) the source checks where it becomes a path;
 2. ``claims(model) -> bool``: whether a reference is its own (``model.startswith("s3://")``); sources
    are asked in ``SOURCES`` order, so a claim must not overlap another's;
 3. ``resolve(model, *, revision, cache_dir, token, allow_pickle) -> planning.planner.ResolvedModel``:
@@ -49,18 +57,19 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from planning.errors import ConfigError
+from planning.errors import ConfigError, PlanError
 from planning.options import SourceOptions
 from workers.sources.base import CheckpointSource
 from workers.sources.hub import HubRepo
 from workers.sources.local import LocalFolder
+from workers.sources.s3 import S3Prefix
 
 if TYPE_CHECKING:
     from planning.plan import LoadPlan
     from planning.planner import ResolvedModel
 
 # Asked in this order: a path that exists is a local checkpoint before it could be read as a repo id.
-SOURCES: dict[str, CheckpointSource] = {s.kind: s for s in (LocalFolder(), HubRepo())}
+SOURCES: dict[str, CheckpointSource] = {s.kind: s for s in (LocalFolder(), S3Prefix(), HubRepo())}
 
 
 def source_for(model: str | os.PathLike) -> CheckpointSource:
@@ -69,15 +78,22 @@ def source_for(model: str | os.PathLike) -> CheckpointSource:
     for source in SOURCES.values():
         if source.claims(path):
             return source
-    raise ConfigError(f"{path}: no such file or folder (and not a Hub repo id of the form 'org/name')")
+    raise ConfigError(f"{path}: no such file or folder (and not a Hub repo id of the form 'org/name', nor s3://bucket/prefix)")
 
 
 def source_of(plan: LoadPlan) -> CheckpointSource:
     """The source a plan's checkpoint comes from (by ``plan.model.kind``)."""
     try:
-        return SOURCES[plan.model.kind]
+        source = SOURCES[plan.model.kind]
     except KeyError:
         raise ConfigError(f"plan of {plan.model.source!r}: checkpoint kind {plan.model.kind!r}, expected one of {sorted(SOURCES)}") from None
+    if plan.model.remote != source.remote:
+        raise PlanError(
+            f"plan of {plan.model.source!r}: a {source.kind} checkpoint is "
+            f"{'fetched by each node (no folder)' if source.remote else 'read in place from its folder'}, "
+            f"but the plan names {'no folder' if plan.model.remote else f'the folder {plan.model.root!r}'}"
+        )
+    return source
 
 
 def resolve_model(model: str | os.PathLike, options: SourceOptions = SourceOptions()) -> ResolvedModel:

@@ -29,6 +29,9 @@ class CheckpointSource(ABC):
     """One kind of checkpoint location; ``kind`` is what ``ModelRef.kind`` records in a plan."""
 
     kind: ClassVar[str]
+    # Fetched by each node into its own cache (a ``fetcher_class``), the plan naming it by reference and a pinned
+    # version with no folder (``ModelRef.remote``); False: read in place from the plan's folder (``paths_in_place``).
+    remote: ClassVar[bool] = False
 
     @abstractmethod
     def claims(self, model: str) -> bool:

@@ -1,5 +1,6 @@
-"""What every node fetcher takes and returns: its options, each fetched file, the node's outcome; and the
-byte tally a fetch keeps (written: progress; received: cost).
+"""What every node fetcher takes and returns: its options, each fetched file, the node's outcome; the
+byte tally a fetch keeps (written: progress; received: cost); and the loop that fetches a node's files
+concurrently (``fetch_each``).
 
 Source-neutral: the fetch stage (``orchestrator.fetch_stage``) builds ``FetchOptions`` on the driver and
 reads ``NodeFetchOutcome`` back, whatever the source (``workers.sources``). Plain data; runs anywhere.
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from planning.errors import PlanError
+from planning.errors import CheckpointError, MeshloadError, PlanError
 from planning.fetch_list import DEFAULT_MAX_GAP_BYTES, DEFAULT_WHOLE_ABOVE, MODES
 from workers.sources.http import RetryPolicy
 
@@ -103,6 +106,96 @@ class NodeFetchOutcome:
     @property
     def bytes_fetched(self) -> int:
         return sum(f.bytes_fetched for f in self.files)
+
+
+class FetcherState:
+    """What every node fetcher keeps: the node's fetch items (``planning.fetch_list.node_fetch_items`` under
+    ``options``), the bytes in place of them, cancellation, and where it runs — ``progress()``, ``cancel()`` and
+    ``where()`` callable from another thread during ``fetch``. A source's node fetcher subclasses it."""
+
+    def __init__(self, plan, node: int, *, root: str, options: FetchOptions | None) -> None:
+        from planning.fetch_list import node_fetch_items
+
+        if not 0 <= node < len(plan.nodes):
+            raise PlanError(f"node {node} is not in the plan (nodes 0-{len(plan.nodes) - 1})")
+        self.plan = plan
+        self.node = node
+        self.root = root
+        self.options = options or FetchOptions()
+        self.fetch_items = node_fetch_items(
+            plan, node, mode=self.options.mode, max_gap_bytes=self.options.max_gap_bytes,
+            whole_above=self.options.whole_above,
+        )
+        self._progress_lock = threading.Lock()
+        self._done = 0
+        self._cancel = threading.Event()
+
+    def where(self) -> dict:
+        from workers.report import node_location
+
+        return {**node_location(), "cache_dir": self.root}
+
+    def cancel(self) -> None:
+        """Ask a running ``fetch`` to stop at the next file, attempt or range boundary (from another thread).
+
+        Downloads in flight finish or fail on their own, cleaning up after themselves, which killing the
+        process would not let them do.
+        """
+        self._cancel.set()
+
+    def progress(self) -> tuple[int, int]:
+        """(bytes in place, bytes planned) for this node; callable from another thread during ``fetch``."""
+        return self._done, sum(i.nbytes for i in self.fetch_items)
+
+    def _advance(self, n: int) -> None:
+        with self._progress_lock:
+            self._done += n
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled()
+
+    def _outcome(self, results: dict[str, FetchedFile], *, seconds: float) -> NodeFetchOutcome:
+        """The node's outcome: its files in fetch-list order."""
+        where = self.where()
+        return NodeFetchOutcome(
+            node=self.node, files=tuple(results[i.file] for i in self.fetch_items), cache_dir=self.root, seconds=seconds,
+            node_id=where["node_id"], node_ip=where["node_ip"], host=where["host"],
+        )
+
+
+def fetch_each(items: Sequence, fetch_one: Callable[[object], FetchedFile], *, workers: int, cancel: threading.Event,
+               into: str) -> dict[str, FetchedFile]:
+    """``fetch_one(item)`` for each of a node's fetch items (``planning.fetch_list.FetchItem``), ``workers`` at a
+    time; the first failure sets ``cancel`` (the others stop at their next boundary, raising ``Cancelled``).
+    Returns each file's ``FetchedFile``; else raises the failure (one typed error as it is, several as one
+    ``CheckpointError`` naming each file; ``into``: the cache, named in the message)."""
+    results: dict[str, FetchedFile] = {}
+    errors: dict[str, BaseException] = {}
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="meshload-fetch") as pool:
+        futures = {pool.submit(fetch_one, item): item for item in items}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in done:
+                item = futures[fut]
+                try:
+                    results[item.file] = fut.result()
+                except Cancelled:
+                    pass
+                except BaseException as exc:  # noqa: BLE001 - reported below, first one typed
+                    errors[item.file] = exc
+                    cancel.set()
+    if not errors and len(results) < len(items):
+        missing = [i.file for i in items if i.file not in results]
+        raise CheckpointError(f"fetch into {into} was cancelled before {len(missing)} file(s): {missing}")
+    if errors:
+        first = next(iter(errors.values()))
+        if len(errors) == 1 and isinstance(first, MeshloadError):
+            raise first
+        lines = "; ".join(f"{type(e).__name__}: {e}" for _, e in sorted(errors.items()))
+        raise CheckpointError(f"{len(errors)} file(s) could not be fetched into {into}: {lines}")
+    return results
 
 
 class ByteCounter:

@@ -137,7 +137,8 @@ def _load_json(path: str, *, what: str, error: type[Exception]) -> dict:
     return data
 
 
-def _weight_map(data: dict, *, what: str) -> dict[str, str]:
+def weight_map_of(data: dict, *, what: str) -> dict[str, str]:
+    """The sharded index's ``weight_map`` (tensor name → file name), its file names checked (no path escapes)."""
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise CheckpointError(f"{what}: expected an object with a 'weight_map' of tensor name → file name")
@@ -212,7 +213,7 @@ def _resolve_online(repo_id: str, *, revision: str | None, root: str, token) -> 
     config_dict = _load_json(download("config.json"), what=f"{where}/config.json", error=ConfigError)
     weight_map = None
     if kind == "index":
-        weight_map = _weight_map(_load_json(download(entry), what=f"{where}/{entry}", error=CheckpointError), what=f"{where}/{entry}")
+        weight_map = weight_map_of(_load_json(download(entry), what=f"{where}/{entry}", error=CheckpointError), what=f"{where}/{entry}")
         files = sorted(set(weight_map.values()))
     else:
         files = [entry]
@@ -367,7 +368,7 @@ def _resolve_offline(repo_id: str, *, revision: str | None, root: str) -> Resolv
         if index_path is None:
             missing.append(entry)
         else:
-            weight_map = _weight_map(_load_json(index_path, what=f"{where}/{entry}", error=CheckpointError), what=f"{where}/{entry}")
+            weight_map = weight_map_of(_load_json(index_path, what=f"{where}/{entry}", error=CheckpointError), what=f"{where}/{entry}")
             files = sorted(set(weight_map.values()))
     elif kind == "single":
         files = [entry]
@@ -405,6 +406,7 @@ class HubRepo(CheckpointSource):
     (above), fetched by each node into its own cache (``workers.sources.hub_fetcher.NodeFetcher``)."""
 
     kind = "hub"
+    remote = True
 
     def claims(self, model: str) -> bool:
         return not looks_like_path(model) and "://" not in model and model.count("/") <= 1

@@ -32,19 +32,17 @@ A plain class (no Ray): the orchestrator makes it an actor on each node; tests d
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
-from planning.errors import CheckpointError, MeshloadError, PlanError
+from planning.confinement import check_repo_id
+from planning.errors import CheckpointError, PlanError
 from planning.plan import LoadPlan
 from planning.validate import validate_names
 from workers.fetch_janitor import Janitor
-from planning.fetch_list import FetchItem, node_fetch_items
-from workers.report import node_location
+from planning.fetch_list import FetchItem
 from workers.sources import hub_cache
-from workers.sources.fetch_types import Cancelled, FetchedFile, FetchOptions, NodeFetchOutcome
+from workers.sources.fetch_types import FetchedFile, FetcherState, FetchOptions, NodeFetchOutcome, fetch_each
 from workers.sources.http import RangeIgnored
 from workers.sources.hub_common import hub_endpoint, hub_offline
 from workers.sources.hub_ranges import BadPart, RangeFiles
@@ -53,7 +51,7 @@ from workers.sources.hub_whole import WholeFiles
 log = logging.getLogger("meshload")
 
 
-class NodeFetcher(WholeFiles, RangeFiles):
+class NodeFetcher(FetcherState, WholeFiles, RangeFiles):
     """Fetch node ``node``'s share of ``plan`` (a Hub checkpoint) into this machine's cache. See module docstring.
 
     ``cache_dir``: else ``$MESHLOAD_CACHE_DIR`` here, else huggingface_hub's default here. ``endpoint``
@@ -71,49 +69,21 @@ class NodeFetcher(WholeFiles, RangeFiles):
         offline: bool | None = None,
         options: FetchOptions | None = None,
     ) -> None:
-        if plan.model.kind != "hub" or not plan.model.revision:
-            raise PlanError(f"{plan.model.source}: not a Hub checkpoint pinned to a commit; nothing to fetch")
-        if not 0 <= node < len(plan.nodes):
-            raise PlanError(f"node {node} is not in the plan (nodes 0-{len(plan.nodes) - 1})")
-        validate_names(plan)
-        self.plan = plan
-        self.node = node
+        if not plan.model.remote:
+            raise PlanError(f"{plan.model.source}: a checkpoint read in place from {plan.model.root}; nothing to fetch")
+        validate_names(plan)  # the commit, file names and hashes; the repo id, which goes into cache paths:
+        try:
+            check_repo_id(plan.model.source, where="plan")
+        except CheckpointError as exc:
+            raise PlanError(str(exc)) from None
+        super().__init__(plan, node, root=hub_cache.cache_root(cache_dir), options=options)
         self.repo_id = plan.model.source
         self.commit = plan.model.revision
-        self.root = hub_cache.cache_root(cache_dir)
         self.token: str | bool | None = None
         self.endpoint = (endpoint or hub_endpoint()).rstrip("/")
         self.offline = hub_offline() if offline is None else offline
-        self.options = options or FetchOptions()
-        self.fetch_items = node_fetch_items(
-            plan, node, mode=self.options.mode, max_gap_bytes=self.options.max_gap_bytes,
-            whole_above=self.options.whole_above,
-        )
-        self._progress_lock = threading.Lock()
-        self._done = 0
-        self._cancel = threading.Event()
         self._locations: dict[str, str] = {}
         self._janitor = Janitor()  # removes what this process leaves half-written if it is killed mid-fetch
-
-    # -- introspection -------------------------------------------------------------------------
-    def where(self) -> dict:
-        return {**node_location(), "cache_dir": self.root}
-
-    def cancel(self) -> None:
-        """Ask a running ``fetch`` to stop at the next file, attempt or range boundary (from another thread).
-
-        Downloads in flight finish or fail on their own, cleaning up after themselves, which killing the
-        process would not let them do.
-        """
-        self._cancel.set()
-
-    def progress(self) -> tuple[int, int]:
-        """(bytes in place, bytes planned) for this node; callable from another thread during ``fetch``."""
-        return self._done, sum(i.nbytes for i in self.fetch_items)
-
-    def _advance(self, n: int) -> None:
-        with self._progress_lock:
-            self._done += n
 
     # -- the fetch -----------------------------------------------------------------------------
     def fetch(self, token: str | bool | None = None) -> NodeFetchOutcome:
@@ -122,42 +92,12 @@ class NodeFetcher(WholeFiles, RangeFiles):
         ``token``: the Hub token (never logged); None: this node's ``HF_TOKEN`` or stored login."""
         self.token = token
         t0 = time.perf_counter()
-        results: dict[str, FetchedFile] = {}
-        errors: dict[str, BaseException] = {}
-        with ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="meshload-fetch") as pool:
-            futures = {pool.submit(self._fetch_item, item): item for item in self.fetch_items}
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for fut in done:
-                    item = futures[fut]
-                    try:
-                        results[item.file] = fut.result()
-                    except Cancelled:
-                        pass
-                    except BaseException as exc:  # noqa: BLE001 - reported below, first one typed
-                        errors[item.file] = exc
-                        self._cancel.set()
-        self._janitor.close()
-        if not errors and len(results) < len(self.fetch_items):
-            missing = [i.file for i in self.fetch_items if i.file not in results]
-            raise CheckpointError(f"fetch into {self.root} was cancelled before {len(missing)} file(s): {missing}")
-        if errors:
-            first = next(iter(errors.values()))
-            if len(errors) == 1 and isinstance(first, MeshloadError):
-                raise first
-            lines = "; ".join(f"{type(e).__name__}: {e}" for _, e in sorted(errors.items()))
-            raise CheckpointError(f"{len(errors)} file(s) could not be fetched into {self.root}: {lines}")
-        where = self.where()
-        return NodeFetchOutcome(
-            node=self.node,
-            files=tuple(results[i.file] for i in self.fetch_items),
-            cache_dir=self.root,
-            seconds=time.perf_counter() - t0,
-            node_id=where["node_id"],
-            node_ip=where["node_ip"],
-            host=where["host"],
-        )
+        try:
+            results = fetch_each(self.fetch_items, self._fetch_item, workers=self.options.workers, cancel=self._cancel,
+                                 into=self.root)
+        finally:
+            self._janitor.close()
+        return self._outcome(results, seconds=time.perf_counter() - t0)
 
     def _fetch_item(self, item: FetchItem) -> FetchedFile:
         with self._file_lock(item):
@@ -193,7 +133,3 @@ class NodeFetcher(WholeFiles, RangeFiles):
             yield
         finally:
             lock.release()
-
-    def _check_cancel(self) -> None:
-        if self._cancel.is_set():
-            raise Cancelled()

@@ -18,19 +18,16 @@ falls back to a whole download.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from urllib.parse import urlsplit
 
 from planning.errors import CheckpointError
-from planning.safetensors_header import header_digest, header_length, parse_header
 from planning.fetch_list import FetchItem
 from workers.sources import hub_cache
 from workers.sources.fetch_types import ByteTally, FetchedFile
 from workers.sources.http import Target, first_line, ranged_get
-from workers.sources.part_store import PartFile, RangeManifest, read_manifest, verified
+from workers.sources.part_store import PartFile, PieceWriter, RangeManifest, check_part_header, fill, read_manifest, verified
 
 log = logging.getLogger("meshload")
 
@@ -74,27 +71,16 @@ class RangeFiles:
                 f"{sum(b - a for a, b in missing)} of the {item.nbytes} bytes it needs ({len(missing)} range(s), "
                 f"first {missing[0][0]}-{missing[0][1]})"
             )
-        step = self.options.piece_bytes
-        pieces = [(s, min(s + step, b)) for a, b in missing for s in range(a, b, step)]
         self._janitor.watch_part(
             data=data, manifest=manifest_path,
             lock=hub_cache.lock_path(self.root, self.repo_id, commit=self.commit, filename=item.file, sha256=item.sha256),
         )
         part = PartFile(hub_cache.repo_folder(self.root, self.repo_id), data, manifest_path, manifest)
         tally = ByteTally(self._advance)
+        fill(part, missing, lambda a, b: self._fetch_piece(item, part, a, b, tally), piece_bytes=self.options.piece_bytes,
+             workers=self.options.workers)
         try:
-            with ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="meshload-range") as pool:
-                futures = [pool.submit(self._fetch_piece, item, part, a, b, tally) for a, b in pieces]
-                done, not_done = wait(futures, return_when=FIRST_EXCEPTION)
-                for f in not_done:
-                    f.cancel()
-                for f in futures:
-                    if f.done() and not f.cancelled() and f.exception() is not None:
-                        raise f.exception()
-        finally:
-            part.close()  # keeps whatever completed: the next attempt resumes from it
-        try:
-            self._check_header(part.data, item)
+            check_part_header(part.data, item, origin="the Hub")
         except CheckpointError as exc:
             for p in (manifest_path, data):  # never keep a part whose header does not match the plan
                 if os.path.exists(p):
@@ -107,18 +93,12 @@ class RangeFiles:
         from the last byte received; a signed CDN URL that expired is asked for again once)."""
         from huggingface_hub.utils import build_hf_headers
 
-        digest = hashlib.sha256()  # of the bytes written, in order (a resumed body continues where it stopped)
+        piece = PieceWriter(part, start, stop, tally)
 
         def target(refresh: bool) -> Target:
             url = self._location(item, refresh=refresh)
             same_origin = urlsplit(url)[:2] == urlsplit(self.endpoint)[:2]
             return Target(url, build_hf_headers(token=self.token) if same_origin else {}, signed=not same_origin)
-
-        def write(offset: int, chunk: bytes) -> None:
-            part.write(offset, chunk)
-            digest.update(chunk)
-            tally.add_transfer(len(chunk))
-            tally.add_written(len(chunk))
 
         def on_retry(attempt: int, pos: int, exc: BaseException) -> None:
             log.warning("meshload: %s bytes %d-%d: %s; resuming at %d", item.file, start, stop - 1, exc, pos)
@@ -129,20 +109,7 @@ class RangeFiles:
                 f"after {tries} attempt(s): {first_line(exc)}"
             )
 
-        ranged_get(target, start=start, stop=stop, size=item.size, file=item.file, write=write,
+        ranged_get(target, start=start, stop=stop, size=item.size, file=item.file, write=piece.write,
                    timeout_s=self.options.timeout_s, policy=self.options.retry, before=self._check_cancel,
                    on_retry=on_retry, describe=describe)
-        part.done(start, stop, digest.hexdigest())
-
-    def _check_header(self, path: str, item: FetchItem) -> None:
-        """The fetched header must parse, and be the one the plan was made from (size and digest)."""
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            n = header_length(prefix, file=item.file, file_size=item.size)
-            body = f.read(n)
-        header = parse_header(body, file=item.file, file_size=item.size)
-        if header.header_size != item.header_size or (item.header_sha256 and header_digest(prefix + body) != item.header_sha256):
-            raise CheckpointError(
-                f"{item.file}: fetched header ({header.header_size} bytes, sha256 {header_digest(prefix + body)[:16]}…) is "
-                f"not the plan's ({item.header_size} bytes, sha256 {(item.header_sha256 or '?')[:16]}…); the file changed on the Hub"
-            )
+        piece.done()

@@ -20,10 +20,16 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from planning.byte_ranges import merge_ranges, subtract_ranges
 from planning.confinement import SHA256_RE
+from planning.errors import CheckpointError
+from planning.safetensors_header import header_digest, header_length, parse_header
 from workers.sources.private_files import open_private, private_dirs, read_private_json, write_private_atomically
+
+if TYPE_CHECKING:
+    from planning.fetch_list import FetchItem
 
 log = logging.getLogger("meshload")
 
@@ -165,6 +171,46 @@ class PartFile:
                 os.close(self.fd)
 
 
+class PieceWriter:
+    """One piece ``[start, stop)`` of a part file being received: ``write(offset, chunk)`` writes the bytes in
+    order, hashes them (a body resumed after a cut continues the hash) and counts them on ``tally`` (a
+    ``workers.sources.fetch_types.ByteTally``: received and written); ``done()`` records the piece."""
+
+    def __init__(self, part: PartFile, start: int, stop: int, tally) -> None:
+        self.part, self.start, self.stop, self.tally = part, start, stop, tally
+        self.digest = hashlib.sha256()
+
+    def write(self, offset: int, chunk: bytes) -> None:
+        self.part.write(offset, chunk)
+        self.digest.update(chunk)
+        self.tally.add_transfer(len(chunk))
+        self.tally.add_written(len(chunk))
+
+    def done(self) -> None:
+        self.part.done(self.start, self.stop, self.digest.hexdigest())
+
+
+def fill(part: PartFile, missing, fetch_piece, *, piece_bytes: int, workers: int) -> None:
+    """The ``missing`` ranges into ``part``, in pieces of at most ``piece_bytes``: ``fetch_piece(start, stop)`` for
+    each (it writes the bytes and calls ``part.done``), ``workers`` at a time; the first failure cancels the
+    pieces not begun and is raised. ``part`` is closed whatever happens, keeping what completed (a later fetch
+    resumes from it)."""
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    pieces = [(s, min(s + piece_bytes, b)) for a, b in missing for s in range(a, b, piece_bytes)]
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="meshload-range") as pool:
+            futures = [pool.submit(fetch_piece, a, b) for a, b in pieces]
+            _, not_done = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in not_done:
+                f.cancel()
+            for f in futures:
+                if f.done() and not f.cancelled() and f.exception() is not None:
+                    raise f.exception()
+    finally:
+        part.close()
+
+
 def verified(manifest: RangeManifest, data: str, manifest_path: str, needed, *, where: str) -> RangeManifest:
     """``manifest`` without the pieces ``needed`` reuses whose bytes no longer hash as recorded (the manifest
     on disk is rewritten without them, so they are fetched again). ``where``: names the source in the warning."""
@@ -187,3 +233,18 @@ def verified(manifest: RangeManifest, data: str, manifest_path: str, needed, *, 
     manifest = manifest.without(bad)
     write_manifest(manifest_path, manifest)
     return manifest
+
+
+def check_part_header(path: str, item: FetchItem, *, origin: str) -> None:
+    """The header fetched into the part file at ``path`` must parse, and be the one the plan was made from (size
+    and digest); else a ``CheckpointError`` saying the file changed at ``origin`` (the Hub, the bucket)."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        n = header_length(prefix, file=item.file, file_size=item.size)
+        body = f.read(n)
+    header = parse_header(body, file=item.file, file_size=item.size)
+    if header.header_size != item.header_size or (item.header_sha256 and header_digest(prefix + body) != item.header_sha256):
+        raise CheckpointError(
+            f"{item.file}: fetched header ({header.header_size} bytes, sha256 {header_digest(prefix + body)[:16]}…) is "
+            f"not the plan's ({item.header_size} bytes, sha256 {(item.header_sha256 or '?')[:16]}…); the file changed on {origin}"
+        )

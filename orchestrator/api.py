@@ -279,15 +279,16 @@ class _Planning:
         return p
 
     def _finish(self, plan: LoadPlan, *, on: str) -> None:
-        """The first plan made wins (the driver's or rank 0's: the same plan); it goes into the plan cache."""
+        """The first plan made wins (the driver's or rank 0's: the same plan); it is in the plan cache by the
+        time ``result`` returns it."""
         with self._lock:
             if self._done.is_set():
                 return
+            _, _, cache, key = self._request
+            if cache is not None:
+                cache.put(key, plan)
             self._plan, self.planned_on = plan, on
             self._done.set()
-        _, _, cache, key = self._request
-        if cache is not None:
-            cache.put(key, plan)
 
     def delegate(self, submit: Callable[..., object]) -> None:
         """Also plan on a rank, through ``submit(resolved, options) -> object ref`` (``RankWorker.plan_here``),

@@ -25,7 +25,7 @@ from planning.errors import CheckpointError
 from tests import checkpoints
 from tests.conftest import wait_until_clean
 from tests.hub_server import HubServer
-from tests.test_hub_fetch import _load_in_process as load_in_process
+from tests.checkpoints import load_fetched as load_in_process
 from workers.sources.fetch_types import FetchOptions
 from workers.sources.hub_fetcher import NodeFetcher
 

@@ -115,6 +115,22 @@ class RetryPolicy:
                 self.sleep(attempt)
         raise AssertionError("unreachable")
 
+    def resume(
+        self, attempt: int, exc: BaseException, *, progressed: bool, retry: bool,
+        on_retry: Callable[[int, BaseException], None] | None = None,
+    ) -> tuple[bool, int]:
+        """After try ``attempt`` of a resuming read failed with ``exc``: ``(True, next try)`` once its backoff
+        is slept (``on_retry(attempt, exc)`` first), or ``(False, attempt)`` when there is none — ``retry``
+        False (not a transient failure) or no tries left. A try that made ``progressed`` starts the count
+        afresh: a long body cut several times is not given up on while it advances."""
+        attempt = 0 if progressed else attempt
+        if attempt + 1 >= self.attempts or not retry:
+            return False, attempt
+        if on_retry is not None:
+            on_retry(attempt, exc)
+        self.sleep(attempt)
+        return True, attempt + 1
+
 
 class RangeIgnored(Exception):
     """The server answered a range request with the whole body (HTTP 200); nothing of it was read."""
@@ -184,13 +200,9 @@ def ranged_get(
         except (RangeIgnored, CheckpointError):
             raise
         except Exception as exc:  # noqa: BLE001 - classified below
-            if pos > before_pos:
-                attempt = 0  # progress was made: a fresh budget for the rest
-            if attempt + 1 < policy.attempts and transient_error(exc):
-                if on_retry is not None:
-                    on_retry(attempt, pos, exc)
-                policy.sleep(attempt)
-                attempt += 1
+            again, attempt = policy.resume(attempt, exc, progressed=pos > before_pos, retry=transient_error(exc),
+                                           on_retry=None if on_retry is None else lambda a, e: on_retry(a, pos, e))
+            if again:
                 continue
             if describe is None:
                 raise

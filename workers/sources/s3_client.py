@@ -206,13 +206,9 @@ def read_range(
         except CheckpointError:
             raise
         except Exception as exc:  # noqa: BLE001 - classified below
-            if pos > before_pos:
-                attempt = 0  # progress was made: a fresh budget for the rest
-            if attempt + 1 < policy.attempts and transient(exc):
-                if on_retry is not None:
-                    on_retry(attempt, pos, exc)
-                policy.sleep(attempt)
-                attempt += 1
+            again, attempt = policy.resume(attempt, exc, progressed=pos > before_pos, retry=transient(exc),
+                                           on_retry=None if on_retry is None else lambda a, e: on_retry(a, pos, e))
+            if again:
                 continue
             raise s3_error(exc, location=location, name=name, what=f"bytes {pos}-{stop - 1}", tries=attempt + 1,
                            endpoint=client.meta.endpoint_url) from exc

@@ -144,7 +144,8 @@ class RankWorker:
         # driver's planning. With one (a cached plan), it waits until the reads are done: run beside them it
         # holds the GIL that the read loop needs between chunks — measured on an H200, an 8B's reads went
         # from 0.7 s to 6.5 s and the load got slower overall (docs/BENCHMARKS.md). In a worker that Ray
-        # preloaded with it (workers.preload), the skeleton is built at once, before the reads start.
+        # preloaded with it (workers.preload), the skeleton is built at once, beside the reads: its import is done,
+        # and the build (0.6 s) costs the reads less than waiting for them would (docs/BENCHMARKS.md).
         self._skeleton: dict = {}
         self._attached = threading.Event()
         self._imported = threading.Event()  # transformers' model code imported (or its import failed)
